@@ -143,8 +143,10 @@ def test_classifier_training_and_cache(toy, monkeypatch):
     # other data -> another key -> trained and stored separately; default folder is <data.root>/.cache
     other = toy_digits(40, seed=5)
     other.root = toy['cache'] / 'data'
-    c2 = train_digit_classifiers(other, epochs=1, batch_size=32, progress=False)
-    assert not c2.info['loaded_from_cache'] and len(list((other.root / '.cache').glob('classifiers-*.pt'))) == 1
+    c2, info = metrics.load_or_train_classifiers(other, toy['test'], epochs=1, batch_size=32, progress=False)
+    assert not info['loaded_from_cache'] and len(list((other.root / '.cache').glob('classifiers-*.pt'))) == 1
+    assert len(info['test_accuracy']) == 3
+    assert metrics.load_or_train_classifiers(other, epochs=1, batch_size=32, progress=False)[1]['loaded_from_cache']
 
 
 def test_coherence_of_real_data_matches_independent_agreement(toy):
@@ -226,14 +228,15 @@ def test_evaluate_generation_json_and_labels(toy):
     res = evaluate_generation(Oracle(data), data, toy['clfs'], n_uncond=90, subsets='single', batch_size=40, progress=False)
     text = json.dumps(res)
     assert 'FID' not in text.replace('fid', '')                 # classifier features are never called FID
-    assert res['settings']['fd_kind'] == 'clf-FD'
-    u, c = res['unconditional_fd'], res['conditional_fd']
+    assert res['settings']['fd_kind'] == res['generation']['fd_kind'] == 'clf-FD'
+    u, c = res['generation']['unconditional'], res['generation']['conditional']
     assert u['kind'] == c['kind'] == 'clf-FD' and u['mean']['n_fake'] == 90 and u['mean']['n_real'] == 90
     assert set(c['per_pair']) == {f'{s}->{t}' for s in range(3) for t in range(3)}
     for v in (*c['per_pair'].values(), *u['per_modality'].values()):   # the oracle reproduces the real images
         assert v['kind'] == 'clf-FD' and abs(v['value']) < 1e-4
     acc = (independent_predictions(toy['clfs'], data) == data.labels).float().mean(1)
-    assert res['conditional_coherence']['headline'] == pytest.approx(acc.mean().item())
+    assert res['coherence']['conditional']['headline'] == pytest.approx(acc.mean().item())
+    assert res['coherence']['unconditional']['n'] == 90
 
 
 # ---------------------------------------------------------------- Inception weights
