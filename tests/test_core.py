@@ -529,3 +529,14 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
         ct.load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match='checkpoint not found'):
         ct.load_checkpoint(tmp_path / 'missing.pt')
+
+
+def test_train_step_benchmark_runs():
+    "bench/train_step.py keeps working with the core's API (a smoke run at a tiny width; nothing is timed here)."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('bench_train_step', Path(__file__).resolve().parents[1] / 'bench' / 'train_step.py')
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for dataset, batch in (('polymnist', 4), ('cubicc', 2)):
+        r = bench.time_train_step(dataset, batch=batch, K=2, width=0.0625, threads=None, steps=1, warmup=0)
+        assert r['samples_per_s'] > 0 and len(r['step_seconds']) == 1 and r['torch'] == torch.__version__
