@@ -289,8 +289,11 @@ def test_build_baseline_registry():
     for name in BASELINES:
         cfg = CMVAEConfig(model=name, d_z=4, d_w=2, width=0.0625)
         assert type(build_baseline(cfg, 'polymnist', 2)) is BASELINES[name]
-    with pytest.raises(ValueError, match="unknown model 'mvea'; known: 'cmvae', 'mmvae_plus', .*'mvtcae'"):
+    with pytest.raises(ValueError, match="CMVAEConfig.model: must be one of .*'mmvae_plus'.*'mvtcae'"):
         build_model(CMVAEConfig(model='mvea', width=0.0625))
+    bypass = CMVAEConfig(width=0.0625); bypass.model = 'mvea'          # a config mutated after validation
+    with pytest.raises(ValueError, match="unknown model 'mvea'; known: 'cmvae', 'mmvae_plus', .*'mvtcae'"):
+        build_baseline(bypass, 'polymnist', 2)
     with pytest.raises(ValueError, match='Gaussian experts'):
         build_baseline(CMVAEConfig(model='mvae', family='laplace', width=0.0625), 'polymnist', 2)
     assert build_baseline(CMVAEConfig(model='mmvae_plus', family='normal', d_z=4, d_w=2, width=0.0625), 'polymnist', 2).family == 'normal'

@@ -456,8 +456,6 @@ def test_nan_in_first_epoch_writes_no_checkpoint(splits, tmp_path, monkeypatch):
     assert not (tmp_path / 'checkpoint.pt').exists()
 
 
-@pytest.mark.xfail(strict=True, reason='core bug: the guard checks only the loss; a non-finite gradient at the last '
-                   'step of an epoch makes the parameters NaN and fit still writes them as the epoch checkpoint')
 def test_nan_gradient_never_reaches_a_checkpoint(splits, tmp_path, monkeypatch):
     monkeypatch.setattr(ct, 'objective', _NaNAt(3, finite_loss_nan_grad=True))   # epoch 1, last step
     with pytest.raises(ct.NonFiniteLossError):
