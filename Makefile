@@ -12,6 +12,7 @@ STAMP := $(VENV)/.installed-$(PINS_HASH)
 export CMVAE_DATA ?= $(CURDIR)/data
 export MPLBACKEND := Agg
 GRID ?= parameters/default.yaml
+JOBS ?= 2
 
 .PHONY: setup data test test-fast report runs book clean-book help
 
@@ -37,14 +38,18 @@ test: data
 	$(BIN)/nbdev_test --n_workers 2
 
 runs: data
-	@true
+	$(BIN)/cmvae-grid $(GRID) --jobs $(JOBS)
 
 book: setup
 	$(BIN)/cmvae-report build
 
-report: data runs
-	$(BIN)/cmvae-report build
-	@echo "== report: $(CURDIR)/book/_build/html/index.html"
+# the book is built even when a run failed (it lists the failures); the exit status is then the grid's
+report: data
+	@status=0; $(BIN)/cmvae-grid $(GRID) --jobs $(JOBS) || status=$$?; \
+	$(BIN)/cmvae-report build || exit $$?; \
+	echo "== report: $(CURDIR)/book/_build/html/index.html"; \
+	if [ $$status -ne 0 ]; then echo "== some runs of $(GRID) failed: see above and the book's runs page"; fi; \
+	exit $$status
 
 clean-book:
 	rm -rf book/_build book/_generated
