@@ -10,7 +10,6 @@ BIN := $(VENV)/bin
 PINS_HASH := $(shell cat requirements.lock setup.py settings.ini pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(PINS_HASH)
 export CMVAE_DATA ?= $(CURDIR)/data
-export MPLBACKEND := Agg
 GRID ?= parameters/default.yaml
 JOBS ?= 2
 
