@@ -12,10 +12,10 @@ from cmvae.report import build_book, load_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# one tiny run: 1 epoch on 256 tuples at width 1/16, a handful of generated samples
+# one tiny run as the default grid's (two modalities): 1 epoch on 256 tuples at width 1/16, a handful of generated samples
 TINY = """
 name: tiny
-base: {width: 0.0625, epochs: 1, n_train: 256, batch_size: 64, K: 1, n_clusters: 12, d_z: 8, d_w: 8,
+base: {n_modalities: 2, width: 0.0625, epochs: 1, n_train: 256, batch_size: 64, K: 1, n_clusters: 12, d_z: 8, d_w: 8,
        n_generate: 64, device: cpu, threads: 1}
 grid: {beta: [2.5], seed: [0]}
 """
@@ -51,6 +51,7 @@ def test_tiny_grid_runs_through_papermill(project):
     metrics = json.loads((root / 'book' / 'runs' / 'tiny' / 'polymnist-beta2.5-seed0.metrics.json').read_text())
     assert nb.exists() and metrics['status'] == 'complete'
     assert metrics['config']['beta'] == 2.5 and metrics['config']['width'] == 0.0625
+    assert metrics['config']['n_modalities'] == 2 and len(metrics['classifiers']['test_accuracy']) == 2
     for key in ('nmi', 'ari', 'acc', 'selected_clusters'): assert key in metrics['clustering']
     assert 1 <= metrics['clustering']['selected_clusters'] <= 12
     assert metrics['coherence']['conditional'] is not None and metrics['generation']['fd_kind'] == 'clf-FD'
@@ -84,7 +85,7 @@ def test_failing_run_is_reported_and_others_complete(tmp_path):
     # seed 1 asks for a CUDA device this machine does not have: valid config, fails at run time
     grid.write_text("""
 name: mixed
-base: {width: 0.0625, epochs: 1, n_train: 128, batch_size: 64, K: 1, n_clusters: 12, d_z: 8, d_w: 8,
+base: {n_modalities: 2, width: 0.0625, epochs: 1, n_train: 128, batch_size: 64, K: 1, n_clusters: 12, d_z: 8, d_w: 8,
        n_generate: 32, threads: 1, prune: false}
 experiments:
   - {base: {device: cpu}, grid: {seed: [0]}}
