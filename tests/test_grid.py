@@ -59,6 +59,8 @@ def test_tiny_grid_runs_through_papermill(project):
     # the executed notebook carries its outputs (figures) and the injected parameters
     cells = json.loads(nb.read_text())['cells']
     assert any('injected-parameters' in c['metadata'].get('tags', []) for c in cells)
+    heading = next(''.join(c['source']) for c in cells if c['cell_type'] == 'markdown')
+    assert heading.startswith('# Run polymnist-beta2.5-seed0 (tiny grid)'), heading   # its own page title in the book
     assert any(o.get('output_type') == 'display_data' for c in cells for o in c.get('outputs', []))
 
 
