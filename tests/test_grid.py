@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from cmvae.grid import GridError, load_grid, run_grid, select_runs
-from cmvae.report import build_book, load_runs
+from cmvae.report import build_book
+from cmvae.results import load_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
