@@ -28,7 +28,7 @@ __all__ = ['CLUSTER_BASELINES', 'CLUSTER_OPTIONS', 'VaDEOptions', 'DeepClusterOp
            'class_balanced_indices', 'FeaturePreprocessor', 'DeepCluster', 'cmc_pair_mask', 'cmc_loss', 'CMC',
            'make_options', 'PerModality', 'fit_cluster_baseline', 'score_clusters', 'run_cluster_baselines']
 
-# %% ../nbs/09_cluster_baselines.ipynb #429104f7
+# %% ../nbs/09_cluster_baselines.ipynb #88c84b95
 class _Options:
     "Shared validation of the options dataclasses: each check raises a ValueError naming `Class.field`."
     def __post_init__(self): self.validate()
@@ -57,7 +57,7 @@ class _Options:
         self._int('n_clusters', 2); self._pos('width'); self._int('epochs'); self._int('batch_size')
         self._pos('lr'); self._choice('arch', ('auto', 'mlp'))
 
-
+# %% ../nbs/09_cluster_baselines.ipynb #8a1d5f3c
 @dataclass
 class VaDEOptions(_Options):
     "Settings of VaDE (§7). Paper values: pre-training, diagonal GMM initialisation, Adam 2e-3 ×0.9 per 10 epochs, batch 100."
@@ -84,7 +84,7 @@ class VaDEOptions(_Options):
         self._pos('image_scale'); self._pos('beta'); self._int('pretrain_epochs', 0); self._pos('pretrain_lr')
         self._int('gmm_n_init'); self._pos('init_var_ratio'); self._pos('lr_decay', 1.0); self._int('decay_every')
 
-
+# %% ../nbs/09_cluster_baselines.ipynb #8ddb1df3
 @dataclass
 class DeepClusterOptions(_Options):
     "Settings of DeepCluster (§8). Paper values: PCA-whitening + ℓ2 before k-means, SGD lr 0.05, momentum 0.9, wd 1e-5."
@@ -109,7 +109,7 @@ class DeepClusterOptions(_Options):
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0): self._fail('weight_decay', '>= 0')
         self._int('kmeans_n_init')
 
-
+# %% ../nbs/09_cluster_baselines.ipynb #73fe0be8
 @dataclass
 class CMCOptions(_Options):
     "Settings of CMC (§9): full-graph InfoNCE with in-batch negatives (temperature 0.5, see below), then k-means."

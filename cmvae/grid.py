@@ -24,7 +24,7 @@ from .train import CMVAEConfig
 # %% auto #0
 __all__ = ['GRID_KEYS', 'EXPERIMENT_KEYS', 'INLINE_BACKEND', 'EXECUTORS', 'GridError', 'RunSpec', 'run_id', 'load_grid',
            'RunResult', 'project_root', 'grid_paths', 'is_complete', 'title_run_notebook', 'inline_figures',
-           'execute_run', 'select_runs', 'write_failures', 'run_grid', 'main']
+           'execute_run', 'select_runs', 'write_failures', 'run_grid', 'argument_parser', 'main']
 
 # %% ../nbs/10_grid.ipynb #8c58b62a
 class GridError(ValueError):
@@ -295,9 +295,9 @@ def run_grid(grid_file: str | Path, # a grid YAML file
     for r in failed: log(f'FAILED {r.run_id}: {r.error} (notebook: {r.notebook})')
     return results
 
-# %% ../nbs/10_grid.ipynb #f137de34
-def main(argv: list | None = None): # the arguments (default: the command line's)
-    "`cmvae-grid GRID.yaml [--only k=v,...] [--executor local|slurm|submitit-local] [--jobs N] ...`"
+# %% ../nbs/10_grid.ipynb #f982ce6b
+def argument_parser() -> argparse.ArgumentParser:
+    "The options of `cmvae-grid`, each with its help text."
     p = argparse.ArgumentParser(prog='cmvae-grid', description='Run a grid of experiments through papermill; complete runs are skipped.')
     p.add_argument('grid_file', help='the grid file (YAML), e.g. parameters/default.yaml')
     p.add_argument('--only', default=None, help='run only the runs matching key=value[,key=value...], e.g. dataset=polymnist,beta=2.5')
@@ -310,6 +310,12 @@ def main(argv: list | None = None): # the arguments (default: the command line's
     p.add_argument('--time', type=int, default=240, help='minutes per job (submitit executors; default 240)')
     p.add_argument('--mem', type=int, default=32, help='GB of memory per job (slurm only; default 32)')
     p.add_argument('--cpus', type=int, default=8, help='CPU cores per job (submitit executors; default 8)')
+    return p
+
+
+def main(argv: list | None = None): # the arguments (default: the command line's)
+    "`cmvae-grid GRID.yaml [--only k=v,...] [--executor local|slurm|submitit-local] [--jobs N] ...`"
+    p = argument_parser()
     args = p.parse_args(argv)
     for name in ('jobs', 'gpus', 'time', 'mem', 'cpus'):
         value = getattr(args, name)
@@ -319,7 +325,7 @@ def main(argv: list | None = None): # the arguments (default: the command line's
         print(f'cmvae-grid: --jobs is ignored with --executor {args.executor}: every run is a job of its own', file=sys.stderr)
     gpus = args.gpus if args.gpus is not None else (1 if args.executor == 'slurm' else 0)
     try:
-        results = run_grid(args.grid_file, args.only, args.executor, args.jobs or 1, force=args.force,
+        results = run_grid(args.grid_file, args.only, args.executor, (args.jobs or 1) if args.executor == 'local' else 1, force=args.force,
                            slurm=dict(partition=args.partition, gpus=gpus, time_min=args.time, mem_gb=args.mem, cpus=args.cpus))
     except GridError as e:
         raise SystemExit(f'cmvae-grid: {e}')

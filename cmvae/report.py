@@ -17,7 +17,7 @@ from .tables import ddpm_figures, metric_by_beta_figure, paper_comparison_table,
 
 # %% auto #0
 __all__ = ['CLUSTERING_METRICS', 'GENERATION_METRICS', 'DDPM_METRICS', 'method_notebooks', 'execute_method_notebooks',
-           'write_report_pages', 'build_book', 'main']
+           'write_report_pages', 'build_book', 'argument_parser', 'main']
 
 # %% ../nbs/11_report.ipynb #fc19e968
 def method_notebooks(root: str | Path | None = None) -> tuple: # project root (default: the enclosing checkout)
@@ -110,16 +110,21 @@ def build_book(root: str | Path | None = None, # project root (default: the encl
     if not index.exists(): raise ReportError(f'jupyter-book finished but {index} is missing')
     return index
 
-# %% ../nbs/11_report.ipynb #4cab5738
-def main(argv: list | None = None): # the arguments (default: the command line's)
-    "`cmvae-report build`: execute what the book shows and build it; `cmvae-report tables`: only the generated pages."
+# %% ../nbs/11_report.ipynb #485f7895
+def argument_parser() -> argparse.ArgumentParser:
+    "The commands and options of `cmvae-report`, each with its help text."
     parser = argparse.ArgumentParser(prog='cmvae-report', description='Build the report (a Jupyter Book) from the executed runs.')
-    sub = parser.add_subparsers(dest='command', required=True)
+    sub = parser.add_subparsers(dest='command', required=True, help='what to do')
     b = sub.add_parser('build', help='execute the method notebooks, write the generated pages and build the book')
     b.add_argument('--no-strict', action='store_true', help='do not fail on Sphinx warnings')
     b.add_argument('--no-execute', action='store_true', help='do not (re-)execute the method notebooks')
     sub.add_parser('tables', help='write the generated tables and figures only')
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list | None = None): # the arguments (default: the command line's)
+    "`cmvae-report build`: execute what the book shows and build it; `cmvae-report tables`: only the generated pages."
+    args = argument_parser().parse_args(argv)
     try:
         if args.command == 'build':
             print(f'book: {build_book(strict=not args.no_strict, execute=not args.no_execute)}')

@@ -226,7 +226,7 @@ def evaluate_loss(model, # CMVAE or a baseline (its training mode is restored)
     out['loss'] = -out.pop('bound')
     return out
 
-# %% ../nbs/04_train.ipynb #29859525
+# %% ../nbs/04_train.ipynb #72500689
 def save_checkpoint(path, # where (written atomically)
                     model, optimizer, # their state dicts are saved
                     epoch: int, # epochs done
@@ -236,7 +236,7 @@ def save_checkpoint(path, # where (written atomically)
     "Write a checkpoint in `fit`'s format (model, optimiser, epoch, config, history, RNG states) to `path`."
     write_checkpoint(path, dict(model=model, optimizer=optimizer), epoch=epoch, config=config, history=history, extra=extra or {})
 
-
+# %% ../nbs/04_train.ipynb #bbe75ba3
 def fit(cfg: CMVAEConfig, # the run's configuration
         splits: dict | None = None, # {'train', 'val', ...} datasets (default: `load_splits(cfg)`)
         model: torch.nn.Module | None = None, # a model to train (default: `build_model(cfg)`)

@@ -501,8 +501,10 @@ def test_fit_time_checks(splits, tmp_path):
 def test_resume_with_a_changed_config_is_refused(splits, tmp_path):
     ct.fit(tiny_cfg(epochs=1), splits, out_dir=tmp_path, progress=False)
     before = (tmp_path / 'checkpoint.pt').read_bytes()
-    with pytest.raises(ValueError, match=r"different configuration.*'beta': \(2\.5, 1\.0\)"):
+    with pytest.raises(ValueError, match=r"different configuration.*'beta': \(2\.5, 1\.0\)") as e:
         ct.fit(tiny_cfg(epochs=2, beta=1.0), splits, out_dir=tmp_path, progress=False)
+    # what to do, for a command-line user too: delete the run folder, or resume: false in the grid file
+    assert f'delete {tmp_path}' in str(e.value) and '`resume: false` in the grid file' in str(e.value)
     assert (tmp_path / 'checkpoint.pt').read_bytes() == before
     # settings listed as resumable (here: more epochs) are accepted
     _, hist = ct.fit(tiny_cfg(epochs=2), splits, out_dir=tmp_path, progress=False)
