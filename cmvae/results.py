@@ -22,7 +22,7 @@ __all__ = ['METRIC_LABELS', 'PAPER_SCALE', 'ReportError', 'flat_metrics', 'load_
 class ReportError(ValueError):
     "The report cannot be made from what it reads; the message names the file and what is wrong."
 
-# %% ../nbs/10a_results.ipynb #8fad36f4
+# %% ../nbs/10a_results.ipynb #50de408e
 METRIC_LABELS = {   # key -> (label, higher is better)
     'selected_clusters': ('selected clusters', None),
     'nmi': ('NMI', True), 'ari': ('ARI', True), 'acc': ('ACC', True),
@@ -38,7 +38,8 @@ METRIC_LABELS = {   # key -> (label, higher is better)
 }
 
 
-def flat_metrics(m: dict) -> dict:
+def flat_metrics(m: dict, # one run's metrics.json
+                ) -> dict: # {key of METRIC_LABELS: number}
     "The numbers of one run's `metrics.json`, flattened to the keys of `METRIC_LABELS` (missing ones are left out)."
     out = {}
     c = m.get('clustering') or {}
@@ -54,7 +55,9 @@ def flat_metrics(m: dict) -> dict:
     return out
 
 
-def load_runs(root: str | Path | None = None, grid: str | None = None) -> list:
+def load_runs(root: str | Path | None = None, # project root (default: the enclosing checkout)
+              grid: str | None = None, # one grid's runs (default: every grid's)
+             ) -> list: # metrics.json dicts, each with its `grid` and `path`
     "Every completed run's metrics.json under `book/runs/` (of one grid, or all), with its grid name."
     root = project_root(root)
     runs = []
@@ -63,8 +66,9 @@ def load_runs(root: str | Path | None = None, grid: str | None = None) -> list:
         if m.get('status') == 'complete': runs.append({**m, 'grid': path.parent.name, 'path': str(path)})
     return runs
 
-# %% ../nbs/10a_results.ipynb #9946ee30
-def summarise(values: list) -> dict:
+# %% ../nbs/10a_results.ipynb #a1acc94d
+def summarise(values: list, # one number per seed (None and non-finite ones are left out)
+             ) -> dict: # n, mean, sd, ci, values
     "n, mean, sd (ddof=1), and the 95 % Student-t interval of the mean (None when n < 2)."
     from scipy import stats
     x = np.asarray([v for v in values if v is not None and np.isfinite(v)], float)
@@ -78,12 +82,14 @@ def summarise(values: list) -> dict:
     return dict(n=n, mean=mean, sd=sd, ci=ci, values=x.tolist())
 
 
-def group_key(m: dict) -> tuple:
+def group_key(m: dict, # one run's metrics.json (with its `grid`)
+             ) -> tuple: # (grid, dataset, model, β): the runs of one group differ only in their seed
     c = m['config']
     return (m.get('grid', ''), c['dataset'], c.get('model', 'cmvae'), float(c['beta']))
 
 
-def aggregate(runs: list) -> dict:
+def aggregate(runs: list, # metrics.json dicts (as `load_runs` gives them)
+             ) -> dict:
     "{(grid, dataset, model, beta): {'runs': [...], 'metrics': {key: summarise(...)}, 'scale': {...}}}."
     groups = {}
     for m in runs: groups.setdefault(group_key(m), []).append(m)
@@ -95,7 +101,8 @@ def aggregate(runs: list) -> dict:
     return out
 
 
-def scale_of(runs: list) -> dict:
+def scale_of(runs: list, # the runs of one group
+            ) -> dict: # each entry one value, or the list of the values the runs differ in
     "What the runs of a group were: data sizes, epochs, width, K, batch, device, seeds, FD kind, wall time."
     def uniq(vals):
         vals = sorted({json.dumps(v) for v in vals})
@@ -111,15 +118,18 @@ def scale_of(runs: list) -> dict:
                 minutes=round(sum(s.get('seconds', {}).get('total', 0) for s in sc) / 60, 1))
 
 
-def t_test(values: list, reference: float) -> float | None:
+def t_test(values: list, # one number per seed
+           reference: float, # the paper's number
+          ) -> float | None: # p-value
     "Two-sided one-sample t-test p-value of `values` against `reference` (None with fewer than 2 values or zero spread)."
     from scipy import stats
     x = np.asarray(values, float)
     if len(x) < 2 or np.allclose(x, x[0]): return None
     return float(stats.ttest_1samp(x, reference).pvalue)
 
-# %% ../nbs/10a_results.ipynb #a44f848b
-def load_paper_numbers(root: str | Path | None = None) -> list:
+# %% ../nbs/10a_results.ipynb #6eb69bf0
+def load_paper_numbers(root: str | Path | None = None, # project root (default: the enclosing checkout)
+                      ) -> list: # entries with dataset, model, metric, value (or None), source and optionally beta
     "The entries of `book/paper_numbers.yaml` (each with dataset, model, metric, value or None, and its source)."
     path = project_root(root) / 'book' / 'paper_numbers.yaml'
     if not path.is_file(): raise ReportError(f'{path}: the paper\'s numbers are missing')
@@ -135,17 +145,21 @@ def load_paper_numbers(root: str | Path | None = None) -> list:
     return entries
 
 
-def paper_value(entries: list, dataset: str, model: str, metric: str, beta: float | None = None):
+def paper_value(entries: list, # as `load_paper_numbers` gives them
+                dataset: str, model: str, metric: str, # what to look up
+                beta: float | None = None, # the β of our group (entries without a β match any)
+               ) -> dict | None: # the entry
     "The paper's entry for (dataset, model, metric[, beta]), or None. Entries without a beta apply to any beta."
     for e in entries:
         if (e['dataset'], e['model'], e['metric']) == (dataset, model, metric) and e.get('beta') in (None, beta): return e
     return None
 
-# %% ../nbs/10a_results.ipynb #2bf5148f
+# %% ../nbs/10a_results.ipynb #14ef0780
 PAPER_SCALE = {'polymnist': dict(epochs=250, K=10, n_train=60000), 'cubicc': dict(epochs=300, K=10, n_train=0)}
 
 
-def at_paper_scale(runs: list) -> bool:
+def at_paper_scale(runs: list, # the runs of one group
+                  ) -> bool:
     "Every run used the paper's data set at full size, full width, all modalities, the paper's K and at least its epochs."
     def ok(m):
         c, s = m['config'], m.get('scale', {})

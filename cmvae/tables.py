@@ -14,15 +14,18 @@ from .results import METRIC_LABELS, at_paper_scale, flat_metrics, paper_value, t
 __all__ = ['fmt', 'scale_line', 'results_table', 'paper_comparison_table', 'metric_by_beta_figure', 'ddpm_figures',
            'failures_index', 'runs_index']
 
-# %% ../nbs/10b_tables.ipynb #8767ed93
-def fmt(s: dict, digits: int = 3) -> str:
+# %% ../nbs/10b_tables.ipynb #3bcf280d
+def fmt(s: dict, # a `summarise` result
+        digits: int = 3, # decimals
+       ) -> str:
     "`mean ± sd (n=k)` of a summary, or `–`."
     if not s or s['n'] == 0: return '–'
     if s['n'] == 1: return f'{s["mean"]:.{digits}f} (n=1)'
     return f'{s["mean"]:.{digits}f} ± {s["sd"]:.{digits}f} (n={s["n"]})'
 
 
-def scale_line(scale: dict) -> str:
+def scale_line(scale: dict, # a `scale_of` result
+              ) -> str:
     "One sentence that states the scale of a group of runs."
     return (f'Scale: {scale["data"]}, {scale["n_train"]} training tuples, {scale["n_test"]} test tuples; '
             f'{scale["epochs"]} epochs, width {scale["width"]}, K={scale["K"]}, batch {scale["batch_size"]}, '
@@ -30,7 +33,10 @@ def scale_line(scale: dict) -> str:
             f'{scale["minutes"]} min of compute in all.')
 
 
-def results_table(groups: dict, metrics: list, title: str = '') -> str:
+def results_table(groups: dict, # `aggregate`'s groups
+                  metrics: list, # keys of METRIC_LABELS, one column each (absent ones are left out)
+                  title: str = '', # a line above the table
+                 ) -> str: # markdown
     "A markdown table of `metrics` for every group, with the scale of each group below it."
     present = [k for k in metrics if any(k in g['metrics'] for g in groups.values())]
     if not groups or not present: return f'{title}\n\n*No completed runs yet.*\n' if title else '*No completed runs yet.*\n'
@@ -46,7 +52,10 @@ def results_table(groups: dict, metrics: list, title: str = '') -> str:
 
 
 
-def paper_comparison_table(groups: dict, entries: list, metrics: list) -> str:
+def paper_comparison_table(groups: dict, # `aggregate`'s groups
+                           entries: list, # the paper's numbers (`load_paper_numbers`)
+                           metrics: list, # keys of METRIC_LABELS to compare
+                          ) -> str: # markdown
     """Ours vs the paper for every (group, metric) where the paper's number is known or listed as unavailable.
     The CI check and the t-test are made only for groups run at the paper's scale (`at_paper_scale`); smaller runs
     show the paper's number for orientation, marked as not comparable."""
@@ -71,8 +80,11 @@ def paper_comparison_table(groups: dict, entries: list, metrics: list) -> str:
     head = '| grid | dataset | model | β | metric | ours (mean ± sd) | 95 % CI | paper | paper in CI | t-test p | source |'
     return '\n'.join([head, '|' + '---|' * 11, *rows]) + '\n'
 
-# %% ../nbs/10b_tables.ipynb #057fc685
-def metric_by_beta_figure(groups: dict, metric: str, entries: list | None = None, dataset: str = 'polymnist', model: str = 'cmvae'):
+# %% ../nbs/10b_tables.ipynb #ed840f33
+def metric_by_beta_figure(groups: dict, # `aggregate`'s groups
+                          metric: str, # a key of METRIC_LABELS
+                          entries: list | None = None, # the paper's numbers: its value as a dashed line
+                          dataset: str = 'polymnist', model: str = 'cmvae'):
     "A matplotlib figure of `metric` against β for one dataset and model (all grids)."
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(4, 2.8))
@@ -89,8 +101,9 @@ def metric_by_beta_figure(groups: dict, metric: str, entries: list | None = None
     fig.tight_layout()
     return fig
 
-# %% ../nbs/10b_tables.ipynb #d3b39d44
-def ddpm_figures(runs: list) -> str:
+# %% ../nbs/10b_tables.ipynb #1fdd5d20
+def ddpm_figures(runs: list, # metrics.json dicts with their `path`
+                ) -> str: # markdown
     "Markdown showing, for every run with a DDPM refiner, its saved grid of plain and refined samples (paths relative to `book/`)."
     parts = []
     for m in runs:
@@ -102,7 +115,8 @@ def ddpm_figures(runs: list) -> str:
     return '\n'.join(parts) or '*No run with a DDPM refiner yet.*\n'
 
 
-def failures_index(root: Path) -> str:
+def failures_index(root: Path, # project root
+                  ) -> str: # markdown ('' when nothing failed)
     "A markdown table of the runs that failed in the last execution of each grid (from `_failures.json`)."
     rows = []
     for path in sorted((root / 'book' / 'runs').glob('*/_failures.json')):
@@ -113,7 +127,9 @@ def failures_index(root: Path) -> str:
                       '| grid | run | error |', '|---|---|---|', *rows]) + '\n'
 
 
-def runs_index(runs: list, root: Path) -> str:
+def runs_index(runs: list, # metrics.json dicts with their `grid` and `path`
+               root: Path, # project root (links are relative to its book/)
+              ) -> str: # markdown
     "A markdown list of every completed run with its headline numbers and a link to its executed notebook, then the failures."
     if not runs: return '*No completed runs yet.*\n' + failures_index(root)
     lines = ['| grid | run | NMI | selected clusters | cond. coherence | wall time | device |', '|---|---|---|---|---|---|---|']

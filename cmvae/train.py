@@ -147,7 +147,7 @@ def build_model(cfg: CMVAEConfig, # `model`, `dataset`, the latent sizes, `n_clu
     from cmvae import baselines
     return baselines.build_baseline(cfg, arch, n_modalities, vocab_size)
 
-# %% ../nbs/04_train.ipynb #2f45c5f2
+# %% ../nbs/04_train.ipynb #ef2e0282
 def training_objective(model, # CMVAE or a baseline
                        xs: list, # the batch: M tensors `[B, ...]`
                        cfg: CMVAEConfig, # `K`, `beta` and `objective` are used
@@ -182,7 +182,10 @@ def accumulate_gradients(model, # CMVAE or a baseline, in training mode
     return total, stats
 
 
-def prepare_model(model, cfg: CMVAEConfig, device: torch.device) -> torch.nn.Module:
+def prepare_model(model, # CMVAE or a baseline
+                  cfg: CMVAEConfig, # `channels_last` and `compile` are used
+                  device: torch.device, # where it will train
+                 ) -> torch.nn.Module:
     "Move the model to `device`, apply the `channels_last` and `compile` switches of `cfg`."
     model = model.to(device)
     if cfg.channels_last: model = model.to(memory_format=torch.channels_last)
@@ -226,9 +229,10 @@ def evaluate_loss(model, # CMVAE or a baseline (its training mode is restored)
     out['loss'] = -out.pop('bound')
     return out
 
-# %% ../nbs/04_train.ipynb #72500689
+# %% ../nbs/04_train.ipynb #775e6c7d
 def save_checkpoint(path, # where (written atomically)
-                    model, optimizer, # their state dicts are saved
+                    model, # its state dict is saved
+                    optimizer, # its state dict is saved
                     epoch: int, # epochs done
                     config: dict, # the run's `to_dict()`
                     history: list, # the log rows so far
