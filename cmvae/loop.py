@@ -163,7 +163,7 @@ def _file_logger(path: Path) -> logging.Logger:
         logger.addHandler(h); logger.setLevel(logging.INFO); logger.propagate = False
     return logger
 
-# %% ../nbs/03b_loop.ipynb #59bf2a5d
+# %% ../nbs/03b_loop.ipynb #dffcb7ac
 def train_loop(step, # step(i, guard, bar): trains unit i (an epoch, or one optimiser step), hands every loss to guard(loss, step_id), ticks bar per step
                log_row, # log_row(i) -> dict with `log_fields`: the row after unit i (validation, mean losses since the last row)
                parts: dict, # what a checkpoint saves and a resume restores: name -> object with state_dict / load_state_dict (or None)
@@ -171,7 +171,7 @@ def train_loop(step, # step(i, guard, bar): trains unit i (an epoch, or one opti
                total: int, # units of the whole run
                out_dir: str | Path | None = None, # run folder: checkpoint.pt, log.csv, train.log (None: nothing written or resumed)
                unit: str = 'epoch', # what a unit is called: the checkpoint key, the first log column
-               log_fields: tuple = ('epoch',), # the columns of log.csv
+               log_fields: tuple | None = None, # the columns of log.csv (default: the keys of the rows)
                log_every: int = 1, # units between log rows (the last unit always gets one)
                checkpoint_every: int = 1, # units between checkpoints (the last unit and `stop_after` always get one)
                resumable: tuple = (), # config fields that may change between a checkpoint and its resume
@@ -213,7 +213,7 @@ def train_loop(step, # step(i, guard, bar): trains unit i (an epoch, or one opti
                 row = log_row(i)
                 history.append(row)
                 if out_dir:
-                    append_csv_row(out_dir / 'log.csv', row, log_fields)
+                    append_csv_row(out_dir / 'log.csv', row, log_fields or tuple(row))
                     logger.info(json.dumps(row))
             if out_dir and (i % checkpoint_every == 0 or i == last or i == total):
                 guard.check()                                           # never write weights after a bad step
