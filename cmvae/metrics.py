@@ -23,7 +23,8 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from tqdm.auto import tqdm
 
-from .data import MultimodalDataset, PolyMNIST, polymnist_dir, sha256_file
+from .data import MultimodalDataset, sha256_file
+from .polymnist import PolyMNIST, polymnist_dir
 from .nets import DigitClassifier
 from .train import atomic_save
 

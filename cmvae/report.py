@@ -234,8 +234,9 @@ def metric_by_beta_figure(groups: dict, metric: str, entries: list | None = None
     return fig
 
 # %% ../nbs/11_report.ipynb #a79f4c66
-METHOD_NOTEBOOKS = ('00_data', '01_nets', '02_model', '03_objectives', '04_train', '05_pruning', '06_metrics',
-                    '07_ddpm', '08_baselines', '09_cluster_baselines', '10_grid', '11_report')
+METHOD_NOTEBOOKS = ('00_data', '00a_mnist', '00b_polymnist', '00c_cubicc', '00d_captioned', '00e_data_cli', '01_nets', '02_model',
+                    '03_objectives', '04_train', '05_pruning', '06_metrics', '07_ddpm', '08_baselines', '09_cluster_baselines',
+                    '10_grid', '11_report')
 CLUSTERING_METRICS = ['selected_clusters', 'nmi', 'ari', 'acc', 'nmi_unpruned']
 GENERATION_METRICS = ['coherence_conditional', 'coherence_unconditional', 'fd_unconditional', 'fd_conditional']
 DDPM_METRICS = ['ddpm_fd_unconditional_vae', 'ddpm_fd_unconditional_refined', 'ddpm_fd_conditional_vae', 'ddpm_fd_conditional_refined',

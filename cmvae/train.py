@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import MultimodalDataset, PolyMNIST, CUBICC
+from .cubicc import CUBICC
+from .data import MultimodalDataset
+from .polymnist import PolyMNIST
 from .model import build_cmvae, FAMILIES
 from .objectives import objective, OBJECTIVES
 
@@ -184,7 +186,7 @@ def load_splits(cfg: CMVAEConfig) -> dict:
     elif cfg.dataset == 'cubicc':
         splits = {s: CUBICC(cfg.data_dir, s) for s in ('train', 'val', 'test')}
     else:
-        from cmvae.data import load_captioned
+        from cmvae.captioned import load_captioned
         splits = {s: load_captioned(cfg.data_dir, s) for s in ('train', 'val', 'test')}
     if cfg.n_train is not None and cfg.n_train < len(splits['train']):
         keep = torch.randperm(len(splits['train']), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.n_train]
