@@ -119,7 +119,7 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--steps', type=int, default=3)
     p.add_argument('--warmup', type=int, default=1)
-    p.add_argument('--objective', default=None, choices=['iwae', 'dreg', 'dreg_original'])
+    p.add_argument('--objective', default=None, choices=['iwae', 'dreg_mixture', 'dreg_mmvae', 'dreg_original'])
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', action='store_true', help='print one JSON line')
     a = p.parse_args(argv)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['scaled', 'ResBlock', 'count_parameters', 'flat_call', 'PolyMNISTTower', 'TwoTowerEncoder', 'polymnist_encoder',
            'PolyMNISTDecoder', 'CUBImageTower', 'cub_image_encoder', 'CUBImageDecoder', 'CaptionEncoder',
-           'CaptionDecoder', 'DigitClassifier', 'build_networks']
+           'CaptionDecoder', 'DigitClassifier', 'build_networks', 'FixedEncoder', 'LinearDecoder']
 
 # %% ../nbs/01_nets.ipynb #c6f43ace
 def scaled(channels: int, width: float) -> int:
@@ -216,3 +216,35 @@ def build_networks(dataset: str, # 'polymnist' or 'cubicc'
         return (nn.ModuleList([cub_image_encoder(d_w, d_z, width), CaptionEncoder(d_w, d_z, width, vocab_size)]),
                 nn.ModuleList([CUBImageDecoder(d_w + d_z, width), CaptionDecoder(d_w, d_z, width, vocab_size)]))
     raise ValueError(f"dataset must be 'polymnist' or 'cubicc', got {dataset!r}")
+
+# %% ../nbs/01_nets.ipynb #98fbb28e
+class FixedEncoder(nn.Module):
+    "An encoder that ignores its input and returns stored outputs `(loc [B, D], raw_scale [B, D])` (trainable)."
+    def __init__(self, loc: torch.Tensor, # `[B, D_w + D_z]`, w block first
+                 raw_scale: torch.Tensor, # `[B, D_w + D_z]`, before the scale trick
+                ):
+        super().__init__()
+        if loc.shape != raw_scale.shape or loc.dim() != 2:
+            raise ValueError(f'loc and raw_scale must both be [B, D], got {tuple(loc.shape)} and {tuple(raw_scale.shape)}')
+        self.loc, self.raw_scale = nn.Parameter(loc.clone()), nn.Parameter(raw_scale.clone())
+
+    def forward(self, x):
+        if len(x) != len(self.loc): raise ValueError(f'FixedEncoder holds outputs for {len(self.loc)} tuples, got a batch of {len(x)}')
+        return self.loc, self.raw_scale
+
+
+class LinearDecoder(nn.Module):
+    "An affine decoder `[..., D] -> [..., *event_shape]`: `reshape(u @ weight + bias)`, row-major."
+    def __init__(self, weight: torch.Tensor, # `[D, prod(event_shape)]`
+                 bias: torch.Tensor, # `[prod(event_shape)]`
+                 event_shape: tuple, # e.g. `(3, 28, 28)`
+                ):
+        super().__init__()
+        n = 1
+        for s in event_shape: n *= s
+        if weight.dim() != 2 or weight.shape[1] != n or bias.shape != (n,):
+            raise ValueError(f'weight must be [D, {n}] and bias [{n}] for event shape {tuple(event_shape)}, '
+                             f'got {tuple(weight.shape)} and {tuple(bias.shape)}')
+        self.weight, self.bias, self.event_shape = nn.Parameter(weight.clone()), nn.Parameter(bias.clone()), tuple(event_shape)
+
+    def forward(self, u): return (u @ self.weight + self.bias).reshape(*u.shape[:-1], *self.event_shape)

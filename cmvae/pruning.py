@@ -20,9 +20,9 @@ from .objectives import log_weights_from_samples
 from .metrics import clustering_scores
 
 # %% auto #0
-__all__ = ['NORMALISERS', 'METHODS', 'masked_log_pi', 'PassScores', 'score_pass', 'encode_split', 'PruningCache', 'cache_latents',
-           'PruningResult', 'select_from_cache', 'select_clusters', 'apply_pruning', 'plot_pruning_curve',
-           'load_trained']
+__all__ = ['NORMALISERS', 'METHODS', 'TIE_BREAKS', 'PRESETS', 'masked_log_pi', 'PassScores', 'score_pass', 'encode_split',
+           'PruningCache', 'cache_latents', 'PruningResult', 'least_mass', 'select_from_cache', 'select_clusters',
+           'apply_pruning', 'plot_pruning_curve', 'load_trained']
 
 # %% ../nbs/05_pruning.ipynb #f9a8308d
 NORMALISERS = ('initial', 'active')
@@ -196,19 +196,34 @@ class PruningResult:
                 f'PNE {self.steps[self.best_step]["pne"]:.4f}, {self.seconds:.2f} s)')
 
 
+# %% ../nbs/05_pruning.ipynb #0ef49a68
 def _record(step: int, s: PassScores, removed, removed_mass) -> dict:
     return dict(step=step, n_clusters=s.n_clusters, pne=s.pne, entropy=s.entropy, loglik=s.loglik,
                 removed=removed, removed_mass=removed_mass, eligible=step == 0 or s.n_clusters > 1,
                 mass=s.mass.tolist(), **s.scores)
 
 
-def _greedy(score, start: torch.Tensor, progress: bool, desc: str) -> tuple[list, list, int, torch.Tensor]:
+TIE_BREAKS = ('smallest', 'original')
+
+
+def least_mass(mass: torch.Tensor, # `[C]` cluster masses of the last pass
+               active: torch.Tensor, # bool `[C]`
+               tie_break: str = 'smallest', # equal masses: remove the smallest id, or the largest ('original')
+              ) -> int:
+    "The active cluster to remove next: the one with the least mass."
+    _check_choice('tie_break', tie_break, TIE_BREAKS)
+    masked = mass.masked_fill(~active.to(mass.device), float('inf'))
+    if tie_break == 'smallest': return int(masked.argmin())                    # argmin returns the first minimum
+    return len(masked) - 1 - int(masked.flip(0).argmin())                      # the last minimum
+
+
+def _greedy(score, start: torch.Tensor, progress: bool, desc: str, tie_break: str = 'smallest') -> tuple[list, list, int, torch.Tensor]:
     "Spec §5.2 around `score(active) -> PassScores`: records, removal order, best step, selected mask."
     active = start.clone()
     s = score(active)
     records, order = [_record(0, s, None, None)], []
     for step in tqdm(range(1, int(start.sum())), desc=desc, mininterval=2, leave=False, disable=not progress):
-        j = int(s.mass.masked_fill(~active.to(s.mass.device), float('inf')).argmin())   # least mass; ties: smallest id
+        j = least_mass(s.mass, active, tie_break)
         removed_mass = float(s.mass[j])
         active = active.clone(); active[j] = False
         order.append(j)
@@ -228,20 +243,31 @@ def _start_mask(model: CMVAE, start) -> torch.Tensor:
     if not mask.any(): raise ValueError('start: at least one cluster must be active')
     return mask
 
-
+# %% ../nbs/05_pruning.ipynb #3e1da44a
 def select_from_cache(model: CMVAE, cache: PruningCache, beta: float, normalise: str = 'initial', pi_eps: float = 0.0,
-                      batch_means: int | None = None, start: torch.Tensor | None = None, progress: bool = True) -> PruningResult:
+                      batch_means: int | None = None, start: torch.Tensor | None = None, progress: bool = True,
+                      tie_break: str = 'smallest', # equal masses: remove the smallest id first, or the largest ('original')
+                     ) -> PruningResult:
     "Spec §5.2 on cached latents: every step only recomputes the cluster posterior under the masked prior."
     _check_choice('normalise', normalise, NORMALISERS)
+    _check_choice('tie_break', tie_break, TIE_BREAKS)
     t0 = time.perf_counter()
     start = _start_mask(model, start)
     with torch.no_grad():
         records, order, best, selected = _greedy(
             lambda act: score_pass(model, cache.lpz_c, act, beta, cache.labels, normalise, pi_eps, batch_means),
-            start, progress, 'prune (cached)')
-    settings = dict(beta=beta, normalise=normalise, pi_eps=pi_eps, batch_means=batch_means, N=cache.z.shape[1])
+            start, progress, 'prune (cached)', tie_break)
+    settings = dict(beta=beta, normalise=normalise, pi_eps=pi_eps, batch_means=batch_means, tie_break=tie_break, N=cache.z.shape[1])
     return PruningResult(selected, int(selected.sum()), best, records, order, 'cached', settings,
                          cache.seconds + time.perf_counter() - t0)
+
+# %% ../nbs/05_pruning.ipynb #427794de
+PRESETS = {   # every setting of the selection that differs between the original code and our defaults
+    'original': dict(method='reencode', use_mean=False, normalise='initial', pi_eps=1e-20, resample=True,
+                     batch_means=True, tie_break='original'),
+    'default': dict(method='cached', use_mean=False, normalise='initial', pi_eps=0.0, resample=True,
+                    batch_means=False, tie_break='smallest'),
+}
 
 
 def select_clusters(model: CMVAE, data: MultimodalDataset, # the validation split
@@ -258,9 +284,16 @@ def select_clusters(model: CMVAE, data: MultimodalDataset, # the validation spli
                     batch_means: bool = False, # average batch means (the original) instead of tuple means
                     start: torch.Tensor | None = None, # clusters active at step 0 (default: all C)
                     progress: bool = True,
+                    tie_break: str = 'smallest', # equal masses: remove the smallest id first, or the largest ('original')
+                    preset: str | None = None, # 'original': every setting of the authors' code (overrides the arguments it names)
                    ) -> PruningResult:
     "Post-hoc cluster selection (spec §5): greedy removal by mass, keep the step with the lowest PNE."
+    if preset is not None:
+        _check_choice('preset', preset, tuple(PRESETS))
+        method, use_mean, normalise, pi_eps, resample, batch_means, tie_break = (PRESETS[preset][k] for k in (
+            'method', 'use_mean', 'normalise', 'pi_eps', 'resample', 'batch_means', 'tie_break'))
     _check_choice('method', method, METHODS)
+    _check_choice('tie_break', tie_break, TIE_BREAKS)
     _check_choice('normalise', normalise, NORMALISERS)
     _check_inputs(model, data, beta)
     if not isinstance(pi_eps, (int, float)) or not 0 <= pi_eps < 1: raise ValueError(f'pi_eps must lie in [0, 1), got {pi_eps!r}')
@@ -276,7 +309,7 @@ def select_clusters(model: CMVAE, data: MultimodalDataset, # the validation spli
     means = batch_size if batch_means else None
     if method == 'cached':
         cache = cache_latents(model, data, lab, batch_size, use_mean, generator, device, progress)
-        res = select_from_cache(model, cache, beta, normalise, pi_eps, means, start, progress)
+        res = select_from_cache(model, cache, beta, normalise, pi_eps, means, start, progress, tie_break)
     else:
         t0, state = time.perf_counter(), generator.get_state()
         def score(act):
@@ -284,14 +317,14 @@ def select_clusters(model: CMVAE, data: MultimodalDataset, # the validation spli
             z = encode_split(model, data, batch_size, use_mean, generator, device, full_forward=True, beta=beta, progress=False)
             return score_pass(model, model.log_pz_given_c(z), act, beta, lab, normalise, pi_eps, means)
         with torch.no_grad():
-            records, order, best, selected = _greedy(score, start, progress, 'prune (re-encode)')
+            records, order, best, selected = _greedy(score, start, progress, 'prune (re-encode)', tie_break)
         res = PruningResult(selected, int(selected.sum()), best, records, order, 'reencode',
-                            dict(beta=beta, normalise=normalise, pi_eps=pi_eps, batch_means=means, N=len(data)),
+                            dict(beta=beta, normalise=normalise, pi_eps=pi_eps, batch_means=means, tie_break=tie_break, N=len(data)),
                             time.perf_counter() - t0)
-    res.settings.update(use_mean=use_mean, resample=resample if method == 'reencode' else None, batch_size=batch_size)
+    res.settings.update(preset=preset, use_mean=use_mean, resample=resample if method == 'reencode' else None, batch_size=batch_size)
     return res
 
-
+# %% ../nbs/05_pruning.ipynb #1ebd3ad8
 def apply_pruning(model: CMVAE, result: PruningResult) -> CMVAE:
     "Restrict the model's prior to the selected clusters (no retraining, as in the paper); returns the model."
     if result.active.shape != model.active.shape:

@@ -25,7 +25,7 @@ from .cubicc import CUBICC
 from .data import MultimodalDataset
 from .polymnist import PolyMNIST
 from .model import build_cmvae, FAMILIES
-from .objectives import objective, OBJECTIVES
+from .objectives import objective, OBJECTIVES, RENAMED
 
 # %% auto #0
 __all__ = ['DATASETS', 'PRECISIONS', 'GENERATIVE_BASELINES', 'GAUSSIAN_BASELINES', 'CLUSTER_BASELINES', 'MODELS', 'RunConfig',
@@ -97,7 +97,7 @@ class CMVAEConfig(ConfigMixin):
     d_w: int = 32                      # private latent size (per modality)
     n_clusters: int = 40               # initial number of clusters C
     family: str | None = None          # 'laplace' / 'normal' (default: the data set's)
-    objective: str = 'iwae'            # 'iwae', 'dreg' (correct DReG), 'dreg_original' (the original code's)
+    objective: str = 'iwae'            # 'iwae', 'dreg_mixture' (unbiased DReG), 'dreg_mmvae' (MMVAE's, biased for K > 1), 'dreg_original' (the authors' code: IWAE gradients)
     epochs: int = 250
     batch_size: int = 128
     lr: float = 1e-3
@@ -115,7 +115,7 @@ class CMVAEConfig(ConfigMixin):
     resume: bool = True                # continue from out_dir/checkpoint.pt when it exists
     # ---- evaluation (used by the experiment notebook; changing them never invalidates a checkpoint)
     prune: bool = True                 # post-hoc cluster selection on the validation split (CMVAE)
-    prune_method: str = 'cached'       # 'cached' (encode once) or 'reencode' (the original's full pass per step)
+    prune_method: str = 'cached'       # 'cached' (encode once), 'reencode' (the original's full pass per step) or 'original' (every setting of the authors' selection)
     n_generate: int = 1000             # generated tuples for unconditional coherence and FD
     coherence_subsets: str = 'single'  # 'single' (one source at a time, as the paper) or 'all' (every subset)
     fid_weights: str | None = None     # pt_inception-2015-12-05-6726825d.pth for FID; without it: clf-FD
@@ -138,6 +138,7 @@ class CMVAEConfig(ConfigMixin):
         if self.K > 1000: bad('K', 'more than 1000 importance samples is not a sensible setting')
         if self.n_clusters > 1000: bad('n_clusters', 'more than 1000 initial clusters makes no sense for these data sets')
         if self.family is not None and self.family not in FAMILIES: bad('family', f'must be None or one of {tuple(FAMILIES)}')
+        if self.objective in RENAMED: bad('objective', RENAMED[self.objective])
         if self.objective not in OBJECTIVES: bad('objective', f'must be one of {OBJECTIVES}')
         if not is_num(self.lr) or not 0 < self.lr < 1: bad('lr', 'must lie in (0, 1)')
         if not is_num(self.width) or not 0 < self.width <= 4: bad('width', 'must lie in (0, 4]')
@@ -148,7 +149,7 @@ class CMVAEConfig(ConfigMixin):
         if self.micro_batch is not None and (not is_int(self.micro_batch) or self.micro_batch < 1): bad('micro_batch', 'must be None or an integer >= 1')
         for name in ('prune', 'ddpm'):
             if not isinstance(getattr(self, name), bool): bad(name, 'must be true or false')
-        if self.prune_method not in ('cached', 'reencode'): bad('prune_method', "must be 'cached' or 'reencode'")
+        if self.prune_method not in ('cached', 'reencode', 'original'): bad('prune_method', "must be 'cached', 'reencode' or 'original'")
         for name in ('n_generate', 'ddpm_train_steps', 'ddpm_sample_steps'):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1: bad(name, 'must be an integer >= 1')
         if self.coherence_subsets not in ('single', 'all'): bad('coherence_subsets', "must be 'single' or 'all'")

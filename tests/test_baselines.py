@@ -216,7 +216,7 @@ def poly():
 @pytest.mark.parametrize('name', list(BASELINES))
 def test_every_baseline_trains_with_fit(name, poly):
     cfg = CMVAEConfig(model=name, d_z=8, d_w=8, width=0.0625, K=1, beta=1.0,
-                      objective='dreg' if name == 'mmvae' else 'iwae', epochs=2, batch_size=16, lr=2e-3, seed=0,
+                      objective='dreg_mmvae' if name == 'mmvae' else 'iwae', epochs=2, batch_size=16, lr=2e-3, seed=0,
                       threads=1, channels_last=False)
     torch.manual_seed(0)
     model = build_model(cfg)

@@ -131,7 +131,7 @@ def test_one_dreg_step_of_the_cubicc_architecture(built):
     assert xs[0].shape == (8, 3, 64, 64) and xs[1].dtype == torch.int64
     torch.manual_seed(0)
     model = build_cmvae('cubicc', d_w=8, d_z=16, n_clusters=35, width=0.125)
-    loss, stats = objective(model, xs, K=2, beta=1.0, kind='dreg')
+    loss, stats = objective(model, xs, K=2, beta=1.0, kind='dreg_mixture')
     loss.backward()
     assert torch.isfinite(loss) and math.isfinite(float(stats['bound']))
     for m, (enc, dec) in enumerate(zip(model.encoders, model.decoders)):

@@ -319,11 +319,12 @@ def _grads(model, xs, K, beta, kind, seed):
 
 
 @pytest.mark.parametrize('family,K', [('laplace', 3), ('normal', 4)])
-def test_dreg_matches_independent_estimator(family, K):
+def test_dreg_mmvae_matches_independent_estimator(family, K):
+    "MMVAE's recipe: q's parameters held fixed inside every log q, w~^2 on the path (biased here for K > 1: test_objectives_bias)."
     model, xs = tiny_model('polymnist', family, seed=1)
     beta = 2.5
     b_iwae, g_iwae = _grads(model, xs, K, beta, 'iwae', 5)
-    b_dreg, g_dreg = _grads(model, xs, K, beta, 'dreg', 5)
+    b_dreg, g_dreg = _grads(model, xs, K, beta, 'dreg_mmvae', 5)
     torch.testing.assert_close(b_dreg, b_iwae, rtol=1e-12, atol=0)                 # same bound value
     enc_names = [n for n in g_iwae if n.startswith('encoders.')]
     assert enc_names and set(g_dreg) == set(g_iwae)
@@ -344,6 +345,33 @@ def test_dreg_matches_independent_estimator(family, K):
     for n, r in zip(enc_names, ref): torch.testing.assert_close(g_dreg[n], r, rtol=1e-7, atol=1e-10)
     # and it is a different estimator from IWAE's
     assert any(not torch.allclose(g_dreg[n], g_iwae[n], rtol=1e-3) for n in enc_names)
+
+
+@pytest.mark.parametrize('family', ['laplace', 'normal'])
+def test_dreg_mixture_is_tuckers_dreg_for_one_expert_and_keeps_the_other_gradients(family):
+    "One modality and β = 1: the mixture is the sampling density and dreg_mixture = dreg_mmvae = Tucker's DReG exactly."
+    torch.manual_seed(0)
+    one = build_cmvae('polymnist', d_w=3, d_z=4, n_clusters=5, width=0.0625, family=family, n_modalities=1).double()
+    x1 = [_images(3, M=1, seed=4)[0].double()]
+    _, g_mix = _grads(one, x1, 4, 1.0, 'dreg_mixture', 7)
+    _, g_mm = _grads(one, x1, 4, 1.0, 'dreg_mmvae', 7)
+    for n in g_mm: torch.testing.assert_close(g_mix[n], g_mm[n], rtol=1e-10, atol=1e-12)
+    model, xs = tiny_model('polymnist', family, seed=1)          # three experts: only the encoders' gradients change
+    b_iwae, g_iwae = _grads(model, xs, 4, 2.5, 'iwae', 5)
+    b_mix, g_mix = _grads(model, xs, 4, 2.5, 'dreg_mixture', 5)
+    torch.testing.assert_close(b_mix, b_iwae, rtol=1e-12, atol=0)
+    enc = [n for n in g_iwae if n.startswith('encoders.')]
+    for n in g_iwae:
+        if n not in enc: torch.testing.assert_close(g_mix[n], g_iwae[n], rtol=1e-10, atol=1e-12)
+    assert any(not torch.allclose(g_mix[n], g_iwae[n], rtol=1e-3) for n in enc)
+
+
+def test_the_ambiguous_name_dreg_is_refused_with_its_new_names():
+    model, xs = tiny_model('polymnist', 'laplace')
+    with pytest.raises(ValueError, match="'dreg_mmvae' is MMVAE's recipe.*'dreg_mixture'.*'dreg_original'"):
+        co.objective(model, xs, kind='dreg')
+    with pytest.raises(ValueError, match="CMVAEConfig.objective: 'dreg' is ambiguous"):
+        ct.CMVAEConfig(objective='dreg')
 
 
 @pytest.mark.parametrize('dataset,family', [('polymnist', 'laplace'), ('cubicc', 'normal')])

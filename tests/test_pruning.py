@@ -19,7 +19,7 @@ from cmvae.pruning import (apply_pruning, cache_latents, load_trained, score_pas
 torch.set_num_threads(1)
 
 
-class FixedEncoder(nn.Module):
+class CopyEncoder(nn.Module):
     "Copies its input (undoing the dataset's /255 of images) into the z location; tiny fixed posterior scale."
     def __init__(self, d_w, d_z, raw_scale=-3.):
         super().__init__()
@@ -49,7 +49,7 @@ def mixture_model(centres, prior_means, n=300, M=3, d_w=2, noise=0.4, seed=0, lo
     g = torch.Generator().manual_seed(seed)
     centres, prior_means = torch.as_tensor(centres, dtype=torch.float), torch.as_tensor(prior_means, dtype=torch.float)
     C, d_z = prior_means.shape
-    model = CMVAE(nn.ModuleList(FixedEncoder(d_w, d_z) for _ in range(M)),
+    model = CMVAE(nn.ModuleList(CopyEncoder(d_w, d_z) for _ in range(M)),
                   nn.ModuleList(CountingDecoder(d_w, d_z) for _ in range(M)),
                   [Likelihood('image')] * M, d_w, d_z, C, family='normal')
     with torch.no_grad():
@@ -248,3 +248,18 @@ def test_load_trained_round_trip(tmp_path):
     save_checkpoint(tmp_path / 'bad.pt', model, opt, 1, cfg.to_dict(), [])
     bad = torch.load(tmp_path / 'bad.pt', weights_only=False); bad['model'] = state; torch.save(bad, tmp_path / 'bad.pt')
     with pytest.raises(RuntimeError, match='do not match'): load_trained(tmp_path / 'bad.pt')
+
+
+def test_original_preset_reencodes_with_fresh_samples_and_breaks_ties_by_the_largest_id():
+    model, data, *_ = redundant_mixture(0)
+    res = select_clusters(model, data, beta=1.0, preset='original', generator=gen(0), progress=False)
+    s = res.settings
+    assert res.method == 'reencode' and s['preset'] == 'original' and s['resample'] is True
+    assert s['tie_break'] == 'original' and s['pi_eps'] == 1e-20 and s['batch_means'] == s['batch_size']
+    zero = [r['removed'] for r in res.steps[1:] if r['removed_mass'] == 0.0]
+    assert len(zero) >= 2 and zero == sorted(zero, reverse=True)      # tied (empty) clusters go largest id first
+    default = select_clusters(model, data, beta=1.0, generator=gen(0), progress=False)
+    zero_default = [r['removed'] for r in default.steps[1:] if r['removed_mass'] == 0.0]
+    assert zero_default == sorted(zero_default) and set(zero_default) == set(zero)
+    with pytest.raises(ValueError, match='preset must be one of'):
+        select_clusters(model, data, beta=1.0, preset='faithful', progress=False)
