@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hygiene  # noqa: E402
-from cmvae.config import resolve_device  # noqa: E402
+from cmvae.config import resolve_device, tune_allocator  # noqa: E402
 from cmvae.objectives import OBJECTIVES  # noqa: E402
 from cmvae.train import CMVAEConfig, accumulate_gradients, build_model, make_optimizer, model_inputs, prepare_model  # noqa: E402
 
@@ -82,6 +82,7 @@ def time_train_step(dataset: str = 'polymnist', # 'polymnist' or 'cubicc' (paper
                    ) -> dict:
     "Time `steps` full training steps after `warmup` ones; returns the config, per-step seconds, samples/s and the load."
     if threads: torch.set_num_threads(threads)
+    if resolve_device(device).type == 'cpu': tune_allocator()   # as fit does
     step, cfg, model = build_step(dataset, batch, K, width, device, precision, channels_last, objective, seed,
                                   vocab_size, n_modalities, n_clusters, micro_batch, compile)
     for _ in range(warmup): step()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigMixin, is_int, is_num, resolve_device, autocast
+from .config import ConfigMixin, is_int, is_num, resolve_device, autocast, tune_allocator
 from .captioned import CUB_VOCAB_SIZE
 from .cubicc import CUBICC
 from .data import MultimodalDataset
@@ -266,6 +266,7 @@ def fit(cfg: CMVAEConfig, # the run's configuration
     "Train (or resume) CMVAE or a generative baseline on the shared training loop."
     if cfg.threads: torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    if device.type == 'cpu': tune_allocator()   # reuse each step's activations' memory (03a_config)
     seed_everything(cfg.seed)
     splits = splits if splits is not None else load_splits(cfg)
     train, val = splits['train'], splits['val']
