@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from cmvae.train import CMVAEConfig, build_model, _prepare, _inputs, _autocast, training_objective, resolve_device
+from cmvae.config import autocast, resolve_device
+from cmvae.train import CMVAEConfig, build_model, model_inputs, prepare_model, training_objective
 
 
 def cpu_model() -> str:
@@ -76,14 +77,14 @@ def time_train_step(dataset: str = 'polymnist', # 'polymnist' or 'cubicc' (paper
     cfg = CMVAEConfig.paper(dataset, **changes)
     dev = resolve_device(device)
     torch.manual_seed(seed)
-    model = _prepare(build_model(cfg, n_modalities, vocab_size), cfg, dev)
+    model = prepare_model(build_model(cfg, n_modalities, vocab_size), cfg, dev)
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, amsgrad=True)
-    xs = _inputs(random_batch(dataset, batch, vocab_size, n_modalities, seed, dev), cfg)
+    xs = model_inputs(random_batch(dataset, batch, vocab_size, n_modalities, seed, dev), cfg)
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
 
     def step():
-        with _autocast(cfg, dev):
+        with autocast(cfg.precision, dev):
             loss, _ = training_objective(model, xs, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -14,15 +14,19 @@ __all__ = ['scaled', 'ResBlock', 'count_parameters', 'flat_call', 'PolyMNISTTowe
            'PolyMNISTDecoder', 'CUBImageTower', 'cub_image_encoder', 'CUBImageDecoder', 'CaptionEncoder',
            'CaptionDecoder', 'DigitClassifier', 'build_networks', 'FixedEncoder', 'LinearDecoder']
 
-# %% ../nbs/01_nets.ipynb #c6f43ace
-def scaled(channels: int, width: float) -> int:
+# %% ../nbs/01_nets.ipynb #aa7594a8
+def scaled(channels: int, # the paper's channel count
+           width: float, # channel multiplier (1.0 = the paper)
+          ) -> int:
     "Channel count `channels` at width multiplier `width` (at least 1)."
     return max(1, int(round(channels * width)))
 
 
 class ResBlock(nn.Module):
     "Pre-activation residual block `[B, f_in, H, W] -> [B, f_out, H, W]` of the MMVAE+/CMVAE ResNets."
-    def __init__(self, f_in: int, f_out: int):
+    def __init__(self, f_in: int, # input channels
+                 f_out: int, # output channels
+                ):
         super().__init__()
         hidden = min(f_in, f_out)
         self.conv_0 = nn.Conv2d(f_in, hidden, 3, 1, 1)
@@ -34,21 +38,27 @@ class ResBlock(nn.Module):
         return self.shortcut(x) + 0.1 * dx
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+def count_parameters(module: nn.Module, trainable_only: bool = False, # count only the parameters with `requires_grad`
+                    ) -> int:
     "Number of parameters of `module` (only those with `requires_grad` when `trainable_only`)."
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def flat_call(fn, x: torch.Tensor, n_event: int) -> torch.Tensor:
+def flat_call(fn, # a module or function of a batch `[N, *event]`
+              x: torch.Tensor, # input `[..., *event]`
+              n_event: int, # number of event dimensions at the end of `x`
+             ) -> torch.Tensor: # `fn`'s output with the leading dimensions of `x` restored
     "Apply `fn` to `x [..., *event]` with the leading dims flattened into one batch dim, and restore them."
     lead = x.shape[:x.dim() - n_event]
     y = fn(x.reshape(-1, *x.shape[x.dim() - n_event:]))
     return y.reshape(*lead, *y.shape[1:])
 
-# %% ../nbs/01_nets.ipynb #540c772e
+# %% ../nbs/01_nets.ipynb #d19385d4
 class PolyMNISTTower(nn.Module):
     "One PolyMNIST encoder tower: `[B, 3, 28, 28] -> (loc [B, D], raw_scale [B, D])`."
-    def __init__(self, d_out: int, width: float = 1.0):
+    def __init__(self, d_out: int, # D, the size of the latent it parameterises
+                 width: float = 1.0, # channel multiplier
+                ):
         super().__init__()
         c1, c2, c3 = (scaled(c, width) for c in (64, 128, 256))
         self.body = nn.Sequential(
@@ -65,7 +75,9 @@ class PolyMNISTTower(nn.Module):
 
 class TwoTowerEncoder(nn.Module):
     "An encoder made of a w tower and a z tower: `x -> (loc [B, D_w + D_z], raw_scale [B, D_w + D_z])`, w block first."
-    def __init__(self, w_tower: nn.Module, z_tower: nn.Module):
+    def __init__(self, w_tower: nn.Module, # `x -> (loc [B, D_w], raw [B, D_w])`
+                 z_tower: nn.Module, # `x -> (loc [B, D_z], raw [B, D_z])`
+                ):
         super().__init__()
         self.w, self.z = w_tower, z_tower
 
@@ -74,14 +86,19 @@ class TwoTowerEncoder(nn.Module):
         return torch.cat([lw, lz], -1), torch.cat([sw, sz], -1)
 
 
-def polymnist_encoder(d_w: int = 32, d_z: int = 32, width: float = 1.0) -> TwoTowerEncoder:
+def polymnist_encoder(d_w: int = 32, # private latent size
+                      d_z: int = 32, # shared latent size
+                      width: float = 1.0, # channel multiplier
+                     ) -> TwoTowerEncoder:
     "The PolyMNIST encoder of one modality (method spec §3.2)."
     return TwoTowerEncoder(PolyMNISTTower(d_w, width), PolyMNISTTower(d_z, width))
 
 
 class PolyMNISTDecoder(nn.Module):
     "PolyMNIST decoder `[..., D_w + D_z] -> [..., 3, 28, 28]` (Laplace location, unbounded)."
-    def __init__(self, d_in: int = 64, width: float = 1.0):
+    def __init__(self, d_in: int = 64, # D_w + D_z
+                 width: float = 1.0, # channel multiplier
+                ):
         super().__init__()
         c1, c2, c3 = (scaled(c, width) for c in (256, 128, 64))
         self.c1 = c1
@@ -96,10 +113,12 @@ class PolyMNISTDecoder(nn.Module):
 
     def forward(self, u): return flat_call(self._forward, u, 1)
 
-# %% ../nbs/01_nets.ipynb #5c72eef7
+# %% ../nbs/01_nets.ipynb #ee512f7b
 class CUBImageTower(nn.Module):
     "One CUBICC image encoder tower: `[B, 3, 64, 64] -> (loc [B, D], raw_scale [B, D])`."
-    def __init__(self, d_out: int, width: float = 1.0):
+    def __init__(self, d_out: int, # D, the size of the latent it parameterises
+                 width: float = 1.0, # channel multiplier
+                ):
         super().__init__()
         chans = [scaled(c, width) for c in (64, 64, 128, 256, 256, 256, 256)]
         layers = [nn.Conv2d(3, chans[0], 3, 1, 1), ResBlock(chans[0], chans[1])]
@@ -113,14 +132,19 @@ class CUBImageTower(nn.Module):
         return self.loc(h), self.raw_scale(h)
 
 
-def cub_image_encoder(d_w: int = 32, d_z: int = 64, width: float = 1.0) -> TwoTowerEncoder:
+def cub_image_encoder(d_w: int = 32, # private latent size
+                      d_z: int = 64, # shared latent size
+                      width: float = 1.0, # channel multiplier
+                     ) -> TwoTowerEncoder:
     "The CUBICC image encoder (method spec §3.4)."
     return TwoTowerEncoder(CUBImageTower(d_w, width), CUBImageTower(d_z, width))
 
 
 class CUBImageDecoder(nn.Module):
     "CUBICC image decoder `[..., D_w + D_z] -> [..., 3, 64, 64]` (Laplace location, unbounded)."
-    def __init__(self, d_in: int = 96, width: float = 1.0):
+    def __init__(self, d_in: int = 96, # D_w + D_z
+                 width: float = 1.0, # channel multiplier
+                ):
         super().__init__()
         chans = [scaled(c, width) for c in (256, 256, 256, 256, 128, 64)]
         self.c0 = chans[0]
@@ -132,7 +156,7 @@ class CUBImageDecoder(nn.Module):
     def _forward(self, u): return self.body(self.fc(u).view(-1, self.c0, 2, 2))
     def forward(self, u): return flat_call(self._forward, u, 1)
 
-# %% ../nbs/01_nets.ipynb #4e9c8d94
+# %% ../nbs/01_nets.ipynb #57414fe2
 def _conv_bn(f_in, f_out, k, s, p, transpose=False):
     conv = (nn.ConvTranspose2d if transpose else nn.Conv2d)(f_in, f_out, k, s, p)
     return [conv, nn.BatchNorm2d(f_out), nn.ReLU()]
@@ -140,7 +164,12 @@ def _conv_bn(f_in, f_out, k, s, p, transpose=False):
 
 class CaptionEncoder(nn.Module):
     "CUBICC caption encoder: token ids `[B, L]` -> `(loc [B, D_w + D_z], raw_scale [B, D_w + D_z])`."
-    def __init__(self, d_w: int = 32, d_z: int = 64, width: float = 1.0, vocab_size: int = 1590, max_len: int = 32):
+    def __init__(self, d_w: int = 32, # private latent size
+                 d_z: int = 64, # shared latent size
+                 width: float = 1.0, # channel multiplier of the convolutions (the embedding size stays 128)
+                 vocab_size: int = 1590, # V, the caption vocabulary
+                 max_len: int = 32, # tokens per caption (the networks are built for 32)
+                ):
         super().__init__()
         emb, fb = 128, scaled(32, width)   # the embedding size is a spatial extent of the conv input: not scaled
         if max_len != 32: raise ValueError(f'the caption networks are built for 32 tokens, got max_len={max_len}')
@@ -165,7 +194,11 @@ class CaptionEncoder(nn.Module):
 
 class CaptionDecoder(nn.Module):
     "CUBICC caption decoder `[..., D_w + D_z] -> logits [..., 32, vocab]`."
-    def __init__(self, d_w: int = 32, d_z: int = 64, width: float = 1.0, vocab_size: int = 1590):
+    def __init__(self, d_w: int = 32, # private latent size
+                 d_z: int = 64, # shared latent size
+                 width: float = 1.0, # channel multiplier
+                 vocab_size: int = 1590, # V, the caption vocabulary
+                ):
         super().__init__()
         fb = scaled(32, width)
         self.d_w = d_w
@@ -184,10 +217,11 @@ class CaptionDecoder(nn.Module):
 
     def forward(self, u): return flat_call(self._forward, u, 1)
 
-# %% ../nbs/01_nets.ipynb #3ed5839b
+# %% ../nbs/01_nets.ipynb #3ce0c598
 class DigitClassifier(nn.Module):
     "PolyMNIST digit classifier `[B, 3, 28, 28] -> log-probabilities [B, 10]`."
-    def __init__(self, n_classes: int = 10):
+    def __init__(self, n_classes: int = 10, # digits
+                ):
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(3, 10, 4, 2, 1), nn.Dropout2d(0.5), nn.ReLU(),

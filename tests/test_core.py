@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Laplace, Normal, OneHotCategorical
 
+from cmvae import loop as cl
 from cmvae import nets
 from cmvae import objectives as co
 from cmvae import train as ct
@@ -455,12 +456,12 @@ class _NaNAt:
 
 
 def _record_saves(monkeypatch):
-    "Wrap save_checkpoint to remember a copy of the model state at every save."
-    saved, real = [], ct.save_checkpoint
-    def wrapper(path, model, optimizer, epoch, *args, **kwargs):
-        saved.append((epoch, copy.deepcopy(model.state_dict())))
-        return real(path, model, optimizer, epoch, *args, **kwargs)
-    monkeypatch.setattr(ct, 'save_checkpoint', wrapper)
+    "Wrap the training loop's checkpoint writer to remember a copy of the model state at every save."
+    saved, real = [], cl.write_checkpoint
+    def wrapper(path, parts, **fields):
+        saved.append((fields['epoch'], copy.deepcopy(parts['model'].state_dict())))
+        return real(path, parts, **fields)
+    monkeypatch.setattr(cl, 'write_checkpoint', wrapper)
     return saved
 
 
@@ -485,12 +486,16 @@ def test_nan_in_first_epoch_writes_no_checkpoint(splits, tmp_path, monkeypatch):
 
 
 def test_nan_gradient_never_reaches_a_checkpoint(splits, tmp_path, monkeypatch):
-    monkeypatch.setattr(ct, 'objective', _NaNAt(3, finite_loss_nan_grad=True))   # epoch 1, last step
-    with pytest.raises(ct.NonFiniteLossError):
+    "A finite loss with a NaN gradient in epoch 2 corrupts the weights; the epoch-1 checkpoint stays, finite and untouched."
+    monkeypatch.setattr(ct, 'objective', _NaNAt(7, finite_loss_nan_grad=True))   # 4 steps per epoch: epoch 2, last step
+    saved = _record_saves(monkeypatch)
+    with pytest.raises(ct.NonFiniteLossError, match='epoch 2: parameters or validation loss became non-finite'):
         ct.fit(tiny_cfg(), splits, out_dir=tmp_path, progress=False)
-    if (tmp_path / 'checkpoint.pt').exists():
-        state = ct.load_checkpoint(tmp_path / 'checkpoint.pt')
-        assert all(torch.isfinite(v).all() for v in state['model'].values() if v.is_floating_point())
+    assert [e for e, _ in saved] == [1]                                  # epoch 2's corrupted weights were never written
+    state = ct.load_checkpoint(tmp_path / 'checkpoint.pt')
+    assert state['epoch'] == 1
+    assert all(torch.isfinite(v).all() for v in state['model'].values() if v.is_floating_point())
+    _assert_states_equal(state['model'], saved[0][1], 'checkpoint')
 
 
 @pytest.mark.parametrize('changes,field', [
@@ -524,8 +529,10 @@ def test_fit_time_checks(splits, tmp_path):
 def test_resume_with_a_changed_config_is_refused(splits, tmp_path):
     ct.fit(tiny_cfg(epochs=1), splits, out_dir=tmp_path, progress=False)
     before = (tmp_path / 'checkpoint.pt').read_bytes()
-    with pytest.raises(ValueError, match=r"different configuration.*'beta': \(2\.5, 1\.0\)"):
+    with pytest.raises(ValueError, match=r"different configuration.*'beta': \(2\.5, 1\.0\)") as e:
         ct.fit(tiny_cfg(epochs=2, beta=1.0), splits, out_dir=tmp_path, progress=False)
+    # what to do, for a command-line user too: delete the run folder, or resume: false in the grid file
+    assert f'delete {tmp_path}' in str(e.value) and '`resume: false` in the grid file' in str(e.value)
     assert (tmp_path / 'checkpoint.pt').read_bytes() == before
     # settings listed as resumable (here: more epochs) are accepted
     _, hist = ct.fit(tiny_cfg(epochs=2), splits, out_dir=tmp_path, progress=False)
@@ -534,7 +541,7 @@ def test_resume_with_a_changed_config_is_refused(splits, tmp_path):
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / 'checkpoint.pt'
-    ct.atomic_save({'epoch': 1, 'w': torch.arange(3)}, path)
+    cl.atomic_save({'epoch': 1, 'w': torch.arange(3)}, path)
     before = path.read_bytes()
 
     def failing_save(obj, f, *args, **kwargs):
@@ -542,7 +549,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
         raise OSError('disk full')
     monkeypatch.setattr(torch, 'save', failing_save)
     with pytest.raises(OSError, match='disk full'):
-        ct.atomic_save({'epoch': 2, 'w': torch.arange(5)}, path)
+        cl.atomic_save({'epoch': 2, 'w': torch.arange(5)}, path)
     with pytest.raises(OSError, match='disk full'):   # the same through save_checkpoint
         model = torch.nn.Linear(2, 2)
         ct.save_checkpoint(path, model, torch.optim.Adam(model.parameters()), 2, {}, [])

@@ -1,4 +1,4 @@
-"""DDPM refiner (cmvae.ddpm): configuration, pairs, schedules, training, resume, NaN guard, sampling."""
+"""DDPM refiner (cmvae.ddpm, cmvae.ddpm_train): configuration, pairs, schedules, training, resume, NaN guard, sampling."""
 import math
 
 import pytest
@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from cmvae.data import MultimodalDataset
-from cmvae.ddpm import (DDPMConfig, Pairs, Refiner, SOURCES, build_refiner, eval_loss, fit_ddpm, load_refiner,
-                        make_pairs, noise_scheduler, read_ddpm_log, refine, refine_outputs, sampling_scheduler,
-                        train_refiner)
+from cmvae.ddpm import (DDPMConfig, Refiner, SOURCES, build_refiner, noise_scheduler, refine, refine_outputs,
+                        sampling_scheduler)
+from cmvae.ddpm_train import Pairs, eval_loss, fit_ddpm, load_refiner, make_pairs, train_refiner
+from cmvae.loop import NonFiniteLossError, load_checkpoint, read_log, seed_everything
 from cmvae.model import build_cmvae
-from cmvae.train import NonFiniteLossError, load_checkpoint, seed_everything
 
 torch.set_num_threads(1)
 
@@ -186,7 +186,7 @@ def test_resume_is_bit_identical(tmp_path):
     ca, cb = (load_checkpoint(tmp_path / d / 'checkpoint.pt') for d in 'ab')
     assert all(torch.equal(ca['optimizer']['state'][k]['exp_avg_sq'], cb['optimizer']['state'][k]['exp_avg_sq'])
                for k in cb['optimizer']['state'])
-    assert [int(r['step']) for r in read_ddpm_log(tmp_path / 'a')] == [2, 4]
+    assert [int(r['step']) for r in read_log(tmp_path / 'a')] == [2, 4]
     with pytest.raises(ValueError, match='different configuration'):
         fit_ddpm(cfg.replace(lr=1e-4), pairs, tmp_path / 'a', progress=False)
     with pytest.raises(ValueError, match='other pairs'):

@@ -1,4 +1,4 @@
-"""Grid runner, experiment notebook through papermill, and the book built from the runs."""
+"""Grid runner, every path of the experiment notebook through papermill, the command lines, and the book built from the runs."""
 import json
 import shutil
 import subprocess
@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from cmvae.grid import GridError, load_grid, run_grid, select_runs
-from cmvae.report import build_book, load_runs
+import cmvae.grid
+from cmvae.data import build_captioned
+from cmvae.grid import GridError, load_grid, main, run_grid, select_runs
+from cmvae.results import load_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,15 +72,38 @@ def test_second_invocation_skips_complete_runs(project):
     assert [r.status for r in again] == ['skipped']
 
 
-def test_book_builds_from_the_runs(project):
+def cli(module: str, *args, cwd) -> subprocess.CompletedProcess:
+    "Run a command line (`cmvae-grid`, `cmvae-report`) as a user would: its own process, its exit status and its stderr."
+    return subprocess.run([sys.executable, '-c', f'from cmvae.{module} import main; main()', *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True)
+
+
+def test_report_command_builds_the_book(project):
+    "`cmvae-report build` (strict: a Sphinx warning fails it) makes the book from the runs."
     root, _, _ = project
     assert len(load_runs(root, 'tiny')) == 1
-    index = build_book(root, strict=True, execute=False)
+    proc = cli('report', 'build', '--no-execute', cwd=root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     html = root / 'book' / '_build' / 'html'
-    assert index.exists()
+    assert proc.stdout.strip().endswith(str(html / 'index.html'))
     assert (html / 'book' / 'runs' / 'tiny' / 'polymnist-beta2.5-seed0.html').exists()
     claim2 = (html / 'book' / 'claim2.html').read_text()
     assert 'tiny' in claim2 and 'polymnist' in claim2
+
+
+def test_report_command_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    from cmvae.report import main as report_main
+    outside = cli('report', 'tables', cwd=tmp_path)
+    assert outside.returncode == 1 and outside.stderr.startswith('cmvae-report: not inside a cmvae checkout'), outside.stderr
+    assert 'Traceback' not in outside.stderr
+    (tmp_path / 'p').mkdir()
+    root = make_project(tmp_path / 'p')
+    (root / 'book' / 'paper_numbers.yaml').write_text(': : :\n')
+    monkeypatch.chdir(root)
+    with pytest.raises(SystemExit) as e: report_main(['tables'])
+    assert str(e.value.code).startswith('cmvae-report: ') and 'paper_numbers.yaml: not valid YAML' in str(e.value.code)
+    with pytest.raises(SystemExit) as e: report_main(['publish'])
+    assert e.value.code == 2 and "invalid choice: 'publish'" in capsys.readouterr().err
 
 
 def test_failing_run_is_reported_and_others_complete(tmp_path):
@@ -140,3 +165,105 @@ def test_shipped_grid_files_are_valid():
     _, paper = load_grid(ROOT / 'parameters' / 'paper.yaml', check_data=False)
     assert {r.config.dataset for r in paper} == {'polymnist', 'cubicc'} and len(paper) == 30
     assert len(select_runs(paper, 'dataset=polymnist,beta=2.5')) == 5
+
+
+def test_grid_command_line_errors(tmp_path, capsys):
+    "A value of --only that no run has, and other bad input: one line naming what exists, a non-zero exit, no traceback."
+    root = make_project(tmp_path)
+    grid = root / 'g.yaml'
+    grid.write_text('name: g\nbase: {epochs: 1}\ngrid: {beta: [1.0, 2.5]}\n')
+    typo = cli('grid', grid, '--only', 'dataset=polymnsit', cwd=root)
+    assert typo.returncode == 1 and typo.stderr.strip() == \
+        'cmvae-grid: --only: no run has dataset=polymnsit; the values of dataset in this grid: polymnist', typo.stderr
+    for args, message in [(['--only', 'beta=3'], 'no run has beta=3; the values of beta in this grid: 1.0, 2.5'),
+                          (['--only', 'betta=1'], "unknown key 'betta'"),
+                          (['--only', 'beta'], 'expects key=value'),
+                          ([], None)]:
+        with pytest.raises(SystemExit) as e:
+            main([str(grid if args else root / 'missing.yaml'), *args])
+        assert str(e.value.code).startswith('cmvae-grid: ') and (message or 'grid file not found') in str(e.value.code)
+    assert 'Traceback' not in typo.stderr
+    with pytest.raises(SystemExit) as e: main([str(grid), '--jobs', '0'])
+    assert e.value.code == 2 and '--jobs must be 1 or more' in capsys.readouterr().err
+
+
+def test_grid_command_line_defaults(tmp_path, monkeypatch, capsys):
+    "--gpus is 0 unless the executor is slurm; --jobs with a submitit executor is ignored, with a warning."
+    calls = []
+    monkeypatch.setattr(cmvae.grid, 'run_grid', lambda grid_file, only, executor, jobs, **kw: calls.append((executor, jobs, kw['slurm'])) or [])
+    main(['g.yaml']); main(['g.yaml', '--jobs', '2']); main(['g.yaml', '--executor', 'slurm', '--jobs', '3'])
+    main(['g.yaml', '--executor', 'submitit-local']); main(['g.yaml', '--executor', 'slurm', '--gpus', '0'])
+    assert [(e, j, s['gpus']) for e, j, s in calls] == [('local', 1, 0), ('local', 2, 0), ('slurm', 1, 1), ('submitit-local', 1, 0), ('slurm', 1, 0)]
+    assert capsys.readouterr().err.count('--jobs is ignored with --executor slurm') == 1
+
+
+# ---------------------------------------------------------------- the other paths of the experiment notebook
+# a DDPM refiner on CMVAE, a generative baseline, a clustering baseline and the captioned data set: one tiny run each,
+# two at a time (the DDPM run, the longest, first)
+VARIANTS = """
+name: variants
+base: {n_modalities: 2, width: 0.0625, epochs: 1, n_train: 256, batch_size: 64, K: 1, n_clusters: 12, d_z: 8, d_w: 8,
+       n_generate: 64, device: cpu, threads: 1}
+experiments:
+  - {base: {ddpm: true, ddpm_train_steps: 4, ddpm_sample_steps: 1, prune: false}, grid: {seed: [1]}}
+  - {base: {model: mmvae_plus}, grid: {seed: [0]}}
+  - {base: {model: cmc}, grid: {seed: [0]}}
+  - {base: {dataset: captioned, data_dir: DATA, n_modalities: null, n_train: null, n_clusters: 8, batch_size: 32}, grid: {seed: [0]}}
+"""
+
+
+@pytest.fixture(scope='module')
+def variants(tmp_path_factory):
+    root = make_project(tmp_path_factory.mktemp('variants'))
+    data = tmp_path_factory.mktemp('captioned')
+    build_captioned(data, n=96, seed=4)                              # 64 / 16 / 16 tuples
+    grid = root / 'variants.yaml'
+    grid.write_text(VARIANTS.replace('DATA', str(data)))
+    results = run_grid(grid, root=root, jobs=2)
+    def metrics(run_id):
+        res = next(r for r in results if r.run_id == run_id)
+        assert res.status == 'complete', res
+        return json.loads((root / 'book' / 'runs' / 'variants' / f'{run_id}.metrics.json').read_text())
+    return root, metrics
+
+
+def _outputs(root, run_id) -> str:
+    "Everything the executed notebook of a run printed."
+    cells = json.loads((root / 'book' / 'runs' / 'variants' / f'{run_id}.ipynb').read_text())['cells']
+    return ''.join(''.join(o.get('text', '')) for c in cells for o in c.get('outputs', []))
+
+
+def test_ddpm_run(variants):
+    root, metrics = variants
+    m = metrics('polymnist-beta2.5-seed1')
+    summary = m['ddpm']['summary']
+    assert set(summary) == {f'{k}_{v}' for k in ('fd_unconditional', 'fd_conditional', 'coherence_unconditional',
+                                                'coherence_conditional') for v in ('vae', 'refined')}
+    assert all(isinstance(v, float) for v in summary.values())
+    assert m['ddpm']['settings']['ddpm']['steps'] == 4 and m['ddpm']['settings']['sample_steps'] == 1
+    assert (root / 'book' / 'runs' / 'variants' / 'polymnist-beta2.5-seed1.ddpm_samples.png').exists()   # for the Claim 3 page
+    assert 'pruning_curve' not in m['clustering'] and m['clustering']['selected_clusters'] == 12          # prune: false
+
+
+def test_generative_baseline_run(variants):
+    root, metrics = variants
+    m = metrics('polymnist-mmvae_plus-beta2.5-seed0')
+    assert m['config']['model'] == 'mmvae_plus' and m['training']['epochs_run'] == 1
+    assert m['clustering']['selected_clusters'] == 10 and 0 <= m['clustering']['nmi'] <= 1   # k-means, the true k
+    assert m['coherence']['conditional'] is not None and m['generation']['fd_kind'] == 'clf-FD'
+
+
+def test_clustering_baseline_run(variants):
+    root, metrics = variants
+    m = metrics('polymnist-cmc-beta2.5-seed0')
+    assert m['clustering']['settings']['modalities'] == [0, 1] and 0 <= m['clustering']['acc'] <= 1
+    assert m['coherence'] == {} and m['generation'] == {} and m['training'] == {} and m['ddpm'] is None
+    assert 'a clustering method generates nothing' in _outputs(root, 'polymnist-cmc-beta2.5-seed0')
+
+
+def test_captioned_run(variants):
+    root, metrics = variants
+    m = metrics('captioned-beta2.5-seed0')
+    assert m['scale']['data'] == 'CaptionedShapes (CUBICC-shaped stand-in)' and m['scale']['n_train'] == 64
+    assert 1 <= m['clustering']['selected_clusters'] <= 8 and m['coherence'] == {}   # no coherence classifiers for captions
+    assert 'from the image:' in _outputs(root, 'captioned-beta2.5-seed0')            # captions generated from images, decoded

@@ -9,12 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+import cmvae.classifiers as classifiers
 import cmvae.metrics as metrics
+from cmvae.classifiers import classifier_accuracy, load_or_train_classifiers, toy_digits, train_digit_classifiers
 from cmvae.data import MultimodalDataset
 from cmvae.metrics import (FID_WEIGHTS_FILE, ClassifierFeatures, InceptionFeatures, InceptionWeightsError,
-                           classifier_accuracy, cluster_accuracy, clustering_scores, coherence_of_real_data,
-                           conditional_coherence, contingency, evaluate_generation, feature_statistics,
-                           frechet_distance, generation_fd, toy_digits, train_digit_classifiers,
+                           cluster_accuracy, clustering_scores, coherence_of_real_data, conditional_coherence,
+                           contingency, evaluate_generation, feature_statistics, frechet_distance, generation_fd,
                            unconditional_coherence)
 
 torch.set_num_threads(1)
@@ -135,7 +136,7 @@ def test_classifier_training_and_cache(toy, monkeypatch):
     assert len(files) == 1 and not clfs.info['loaded_from_cache']
     acc = classifier_accuracy(clfs, toy['test'])
     assert min(acc) > 0.5, acc                                  # it learned something (chance is 0.1)
-    monkeypatch.setattr(metrics, 'augment_digits', lambda *a, **k: pytest.fail('trained again instead of loading the cache'))
+    monkeypatch.setattr(classifiers, 'augment_digits', lambda *a, **k: pytest.fail('trained again instead of loading the cache'))
     again = train_digit_classifiers(train, epochs=4, batch_size=32, cache_dir=toy['cache'], progress=False)
     assert again.info['loaded_from_cache'] and again.info['cache'] == str(files[0])
     for a, b in zip(again.state_dict().values(), clfs.state_dict().values()): assert torch.equal(a, b)
@@ -143,10 +144,10 @@ def test_classifier_training_and_cache(toy, monkeypatch):
     # other data -> another key -> trained and stored separately; default folder is <data.root>/.cache
     other = toy_digits(40, seed=5)
     other.root = toy['cache'] / 'data'
-    c2, info = metrics.load_or_train_classifiers(other, toy['test'], epochs=1, batch_size=32, progress=False)
+    c2, info = load_or_train_classifiers(other, toy['test'], epochs=1, batch_size=32, progress=False)
     assert not info['loaded_from_cache'] and len(list((other.root / '.cache').glob('classifiers-*.pt'))) == 1
     assert len(info['test_accuracy']) == 3
-    assert metrics.load_or_train_classifiers(other, epochs=1, batch_size=32, progress=False)[1]['loaded_from_cache']
+    assert load_or_train_classifiers(other, epochs=1, batch_size=32, progress=False)[1]['loaded_from_cache']
 
 
 def test_coherence_of_real_data_matches_independent_agreement(toy):
