@@ -12,16 +12,17 @@ import sys
 from pathlib import Path
 
 from .cost import measured_cost_table, paper_cost, paper_cost_table
+from .evidence import baseline_markers, label_free_table, ladder_figure, ladder_points, paper_point
 from .grid import GridError, inline_figures, project_root
 from .numbers import Numbers, render_pages
-from .results import ReportError, aggregate, load_paper_numbers, load_runs
+from .results import ReportError, aggregate, load_paper_numbers, load_runs, paper_value
 from .tables import (comparison_figure, ddpm_figures, far_table, metric_by_beta_figure, modalities_note, paper_table,
                           results_table, runs_index, runs_table)
 
 # %% auto #0
 __all__ = ['CLUSTERING_METRICS', 'GENERATION_METRICS', 'DDPM_METRICS', 'PAPER_GENERATION', 'method_notebooks',
-           'execute_method_notebooks', 'claim_tables', 'claim_figures', 'write_report_pages', 'build_book',
-           'argument_parser', 'main']
+           'execute_method_notebooks', 'scale_ladder', 'claim_tables', 'claim_figures', 'write_report_pages',
+           'build_book', 'argument_parser', 'main']
 
 # %% ../nbs/11_report.ipynb #fc19e968
 def method_notebooks(root: str | Path | None = None) -> tuple: # project root (default: the enclosing checkout)
@@ -56,6 +57,25 @@ def execute_method_notebooks(root: str | Path | None = None, # project root (def
             stamp.write_text(_digest(src))
         done.append(dst)
     return done
+
+# %% ../nbs/11_report.ipynb #71e89ae9
+def scale_ladder(runs: list, # completed runs
+                 entries: list, # the paper's numbers
+                 root: Path, # project root (parameters/paper.yaml)
+                 folder: Path, # where the PNG goes (book/_generated/figures)
+                 grids: tuple = ('default', 'cpu-long'), # CMVAE grids on the ladder
+                ) -> str: # markdown showing the figure (path relative to book/)
+    "NMI and clusters kept against training FLOPs for the CPU grids' CMVAE runs, CMC, and the paper's β = 1 setting."
+    import matplotlib.pyplot as plt
+    points = ladder_points(runs, grids)
+    if not points: return '*No CMVAE run of the ' + ' or '.join(grids) + ' grids yet.*\n'
+    paper_nmi = paper_value(entries, 'polymnist', 'cmvae', 'nmi', 1.0, source='paper')
+    grid = root / 'parameters' / 'paper.yaml'
+    paper = paper_point(grid, nmi=paper_nmi['value']) if paper_nmi and grid.exists() else None
+    fig = ladder_figure(points, paper, extra=baseline_markers(runs))
+    fig.savefig(folder / 'scale_ladder.png', dpi=100); plt.close(fig)
+    return '```{image} _generated/figures/scale_ladder.png\n:width: 100%\n```\n'
+
 
 # %% ../nbs/11_report.ipynb #cb09dfc2
 CLUSTERING_METRICS = ['selected_clusters', 'nmi', 'ari', 'acc', 'nmi_unpruned']
@@ -130,6 +150,8 @@ def write_report_pages(root: str | Path | None = None, # project root (default: 
     runs, entries = load_runs(root), load_paper_numbers(root)
     pages = claim_tables(runs, entries, root)
     pages['claim1_figures.md'] = claim_figures(runs, entries, gen / 'figures')
+    pages['scale_ladder.md'] = scale_ladder(runs, entries, root, gen / 'figures')
+    pages['label_free.md'] = label_free_table(runs)
     grid = root / 'parameters' / 'paper.yaml'
     pages['cost_paper.md'] = paper_cost_table(paper_cost(grid, cache=gen / 'cost_paper.json')) if grid.exists() else '*No parameters/paper.yaml.*\n'
     written = []

@@ -57,6 +57,7 @@ def format_width(w) -> str:
 
 
 def fmt(s: dict | None, # a `summarise` result
+        span: bool = False, # append the range over seeds, `(min–max)`, when there are two or more
        ) -> str:
     "`mean ± sd` of a summary (`mean` for one seed or identical integers), or `–`; the sd keeps at least one significant digit."
     if not s or not s['n']: return '–'
@@ -64,7 +65,12 @@ def fmt(s: dict | None, # a `summarise` result
     dec = decimals_of(s['mean'])
     if 0 < s['sd'] < 10 ** -dec: dec = min(-math.floor(math.log10(s['sd'])), 6)
     mean = format_number(s['mean']) if dec == decimals_of(s['mean']) else f'{s["mean"]:,.{dec}f}'
-    return f'{mean} ± {s["sd"]:,.{dec}f}'
+    text = f'{mean} ± {s["sd"]:,.{dec}f}'
+    if span and len(s.get('values') or []) > 1:
+        lo, hi = min(s['values']), max(s['values'])
+        integers = float(lo).is_integer() and float(hi).is_integer()
+        text += f' ({format_number(lo)}–{format_number(hi)})' if integers else f' ({lo:,.{dec}f}–{hi:,.{dec}f})'
+    return text
 
 
 def paper_text(e: dict, # a paper entry
@@ -110,7 +116,7 @@ def _order(key: tuple) -> tuple:
 def results_table(groups: dict, # `aggregate`'s groups
                   metrics: list, # keys of METRIC_LABELS, one column each (absent ones are left out)
                  ) -> str: # markdown
-    "One row per group (grid, data set, model, β, seeds), one column per metric, then each distinct scale in words."
+    "One row per group (grid, data set, model, β, seeds), one column per metric (mean ± sd (min–max) over seeds), then each distinct scale in words."
     present = [k for k in metrics if any(k in g['metrics'] for g in groups.values())]
     groups = {k: g for k, g in groups.items() if any(m in g['metrics'] for m in present)}
     if not groups: return '*No completed runs yet.*\n'
@@ -120,7 +126,7 @@ def results_table(groups: dict, # `aggregate`'s groups
     for key in sorted(groups, key=_order):
         g = groups[key]
         lines.append(f'| {key[0]} | {key[1]} | {model_name(key[2])} | {key[3]:g} | {len(g["runs"])} | ' +
-                     ' | '.join(fmt(g['metrics'].get(k)) for k in present) + ' |')
+                     ' | '.join(fmt(g['metrics'].get(k), span=True) for k in present) + ' |')
         models = scales.setdefault(scale_line(g['scale'], runs=False), {}).setdefault(key[0], [])
         if model_name(key[2]) not in models: models.append(model_name(key[2]))
     lines.append('')
