@@ -110,8 +110,9 @@ def ddpm_figures(runs: list, # metrics.json dicts with their `path`
         png = Path(m['path']).with_name(f'{m["run_id"]}.ddpm_samples.png')
         if not png.exists(): continue
         rel = png.relative_to(png.parents[2])   # runs/<grid>/<file>
-        parts.append(f'**{m["grid"]} / {m["run_id"]}**: the same unconditional CMVAE samples, plain (top rows) and refined '
-                     f'by the DDPM (bottom rows).\n\n```{{image}} {rel.as_posix()}\n:width: 60%\n```\n')
+        parts.append(f'**{m["grid"]} / {m["run_id"]}**: CMVAE generations, plain (left) and the same generations refined by '
+                     f'the DDPM (right), row for row: per image modality, unconditional samples and cross-modal generations '
+                     f'from the next modality (one test tuple per digit, 0 to 9).\n\n```{{image}} {rel.as_posix()}\n:width: 90%\n```\n')
     return '\n'.join(parts) or '*No run with a DDPM refiner yet.*\n'
 
 
