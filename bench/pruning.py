@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from cmvae.data import PolyMNIST
+from cmvae.polymnist import PolyMNIST
 from cmvae.model import build_cmvae
 from cmvae.pruning import encode_split, load_trained, score_pass, select_clusters
 

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import MultimodalDataset, PolyMNIST
+from .data import MultimodalDataset
+from .polymnist import PolyMNIST
 from .loop import atomic_save
 from .nets import DigitClassifier
 
@@ -92,7 +93,7 @@ def classifier_accuracy(classifiers, # one classifier per modality (None where a
     return [float(c) / len(data) if clf is not None else None for c, clf in zip(correct.cpu(), classifiers)]
 
 # %% ../nbs/05a_classifiers.ipynb #1045b30d
-CLASSIFIER_CACHE_VERSION = 1
+CLASSIFIER_CACHE_VERSION = 2   # 2: the initial weights are seeded too (version 1 seeded only order, dropout and augmentation)
 
 
 def _data_key(data: MultimodalDataset, settings: dict) -> str:
@@ -156,6 +157,7 @@ def train_digit_classifiers(train: MultimodalDataset, # image modalities with di
         for m in range(M):
             torch.manual_seed(seed * 1000 + m)                              # init and dropout
             gen = torch.Generator(device=device).manual_seed(seed * 1000 + m)   # order and augmentation
+            nets[m] = DigitClassifier(n_classes)                            # initialised under the seed
             net = nets[m].to(device).train()
             opt = torch.optim.Adam(net.parameters(), lr)
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps)

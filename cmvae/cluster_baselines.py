@@ -20,7 +20,8 @@ from fastcore.basics import patch
 
 from .cluster_nets import build_decoder, build_tower, view_input, view_spec
 from .config import image_modalities, resolve_device
-from .data import MultimodalDataset, CUB_VOCAB_SIZE
+from .captioned import CUB_VOCAB_SIZE
+from .data import MultimodalDataset
 from .metrics import clustering_scores
 
 # %% auto #0

@@ -10,7 +10,8 @@ import math
 import torch
 from torch import nn
 
-from .data import MultimodalDataset, CUB_VOCAB_SIZE
+from .captioned import CUB_VOCAB_SIZE
+from .data import MultimodalDataset
 from .nets import PolyMNISTTower, PolyMNISTDecoder, CUBImageTower, CUBImageDecoder, CaptionEncoder, scaled
 
 # %% auto #0

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from .data import find_project_root, cubicc_dir
+from .cubicc import cubicc_dir
+from .data import find_project_root
 from .train import CMVAEConfig
 
 # %% auto #0

