@@ -22,7 +22,8 @@ from .loop import atomic_save
 from .metrics import evaluate_generation
 
 # %% auto #0
-__all__ = ['RefinedModel', 'side_by_side', 'generation_summary', 'test_subset', 'claim3_comparison']
+__all__ = ['RefinedModel', 'side_by_side', 'generation_summary', 'test_subset', 'claim3_comparison', 'design_table',
+           'design_rows']
 
 # %% ../nbs/07b_claim3.ipynb #31e40b09
 class RefinedModel(nn.Module):
@@ -185,3 +186,31 @@ def claim3_comparison(model: nn.Module, # a trained CMVAE (eval mode)
                               curve_eval_seconds=sum(p['eval_seconds'] for p in curve),
                               final_val_loss=rows[-1].get('val_loss') if rows else None,
                               fd_kind=plain['generation'].get('fd_kind')))
+
+# %% ../nbs/07b_claim3.ipynb #a0407b7d
+def _describe(changes: dict) -> str:
+    return ', '.join(f'{k} {tuple(v) if isinstance(v, list) else v}' for k, v in changes.items()) or 'reference'
+
+
+def design_table(rows: list, # rows of `bench/ddpm_design.json`; the one with variant 'CMVAE' is the plain model
+                 settings: list | None = None, # the refined rows to show (default: every refined row), in this order
+                ) -> str: # a markdown table
+    "Refined settings against the plain CMVAE: clf-FD and coherence with their change from plain, and the cost."
+    plain = [r for r in rows if r['variant'] == 'CMVAE']
+    if len(plain) != 1: raise ValueError(f'design_table: expected one plain CMVAE row, found {len(plain)}')
+    plain = plain[0]
+    keys = ('fd_unconditional', 'fd_conditional', 'coherence_unconditional', 'coherence_conditional')
+    lines = ['| setting | steps | weights | sampling | uncond. clf-FD | cond. clf-FD | uncond. coherence | cond. coherence | parameters | s/step | train min |',
+             '|---|---|---|---|---|---|---|---|---|---|---|',
+             '| CMVAE alone | | | | ' + ' | '.join(f'{plain[k]:.1f}' if k.startswith('fd') else f'{plain[k]:.3f}' for k in keys) + ' | | | |']
+    for r in (settings if settings is not None else [r for r in rows if r['variant'] != 'CMVAE']):
+        cells = [f'{r[k]:.1f} ({r[k] - plain[k]:+.1f})' if k.startswith('fd') else f'{r[k]:.3f} ({r[k] - plain[k]:+.3f})' for k in keys]
+        sampling = f"{r['scheduler'].upper()} {r['sample_steps']}, strength {r['strength']:g}"
+        lines.append(f"| {r['variant']}: {_describe(r.get('changes', {}))} | {r['step']} | {r['weights']} | {sampling} | "
+                     + ' | '.join(cells) + f" | {r['n_parameters'] / 1e6:.2f} M | {r['seconds_per_step']:.2f} | {r['train_seconds'] / 60:.0f} |")
+    return '\n'.join(lines) + '\n'
+
+
+def design_rows(rows: list, **match) -> list:
+    "The rows of `bench/ddpm_design.json` whose fields equal `match` (e.g. `variant='reference', step=1500`)."
+    return [r for r in rows if all(r.get(k) == v for k, v in match.items())]

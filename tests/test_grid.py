@@ -246,7 +246,8 @@ def test_ddpm_run(variants):
     assert s['ddpm']['max_strength'] == 0.5 and s['ddpm']['block_out_channels'] == [8, 16]          # from ddpm_strength and ddpm_options
     assert [(p['step'], p['model']) for p in m['ddpm']['curve']] == [(0, 'CMVAE'), (2, 'refined'), (4, 'refined')]
     assert [r['step'] for r in m['ddpm']['log']] == [2, 4]
-    assert (root / 'book' / 'runs' / 'variants' / 'polymnist-beta2.5-seed1.ddpm_samples.png').exists()   # for the Claim 3 page
+    for png in ('ddpm_samples', 'ddpm_curve'):                                                          # for the Claim 3 page
+        assert (root / 'book' / 'runs' / 'variants' / f'polymnist-beta2.5-seed1.{png}.png').exists()
     assert 'pruning_curve' not in m['clustering'] and m['clustering']['selected_clusters'] == 12          # prune: false
 
 
