@@ -16,7 +16,8 @@ download; identical kernels on both sides); only MultiVae's own extra dependenci
 
 Each measurement is a fresh subprocess (ours: bench/train_step.py in the project venv; MultiVae: this file with
 `--worker` in the peer venv), alternating which goes first, so that both sides see the same background load on
-a shared machine. Prints samples/s per run, medians and the ratio ours / MultiVae.
+a shared machine. Prints samples/s per run with the 1-minute load before and after it (bench/hygiene.py: a run
+above cores + 0.5 is marked INVALID and left out), medians of the valid runs and the ratio ours / MultiVae.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import hygiene  # noqa: E402
 PEER = HERE / '.peer-venv'
 PEER_PY = PEER / 'bin' / 'python'
 MULTIVAE = 'multivae==1.0.3'
@@ -94,18 +97,18 @@ def multivae_step_time(batch: int = 128, K: int = 1, threads: int = 2, steps: in
 
     for _ in range(warmup): step()
     times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t0)
+    with hygiene.LoadWindow() as load:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            loss = step()
+            times.append(time.perf_counter() - t0)
     if not torch.isfinite(loss): raise RuntimeError(f'MultiVae: non-finite loss {float(loss)}')
     med = statistics.median(times)
     import multivae
     return dict(impl='multivae', version=getattr(multivae, '__version__', '1.0.3'), batch=batch, K=K, width=1.0,
                 steps=steps, warmup=warmup, step_seconds=[round(t, 4) for t in times], median_step_s=med,
                 samples_per_s=batch / med, n_params=sum(p.numel() for p in params), threads=threads,
-                torch=torch.__version__, python=platform.python_version(),
-                loadavg=' '.join(f'{x:.2f}' for x in os.getloadavg()))
+                torch=torch.__version__, python=platform.python_version(), **load.record())
 
 
 # ------------------------------------------------------------------------------------------- orchestration
@@ -118,8 +121,9 @@ def _run_json(cmd: list, timeout: float) -> dict:
 def ours_cmd(a, K: int, channels_last: bool) -> list:
     return [sys.executable, str(HERE / 'train_step.py'), '--json', '--dataset', 'polymnist', '--batch', str(a.batch),
             '--K', str(K), '--width', '1', '--threads', str(a.threads), '--steps', str(a.steps),
-            '--warmup', str(a.warmup), '--objective', 'iwae',
-            '--channels-last' if channels_last else '--no-channels-last']
+            '--warmup', str(a.warmup), '--objective', 'iwae', '--clusters', '40',
+            '--channels-last' if channels_last else '--no-channels-last'] + \
+           (['--micro-batch', str(a.micro_batch)] if a.micro_batch else [])
 
 
 def peer_cmd(a, K: int) -> list:
@@ -130,11 +134,9 @@ def peer_cmd(a, K: int) -> list:
 def compare(a) -> list:
     "Alternate ours / MultiVae `a.rounds` times per K; returns all result dicts."
     ensure_peer_venv()
-    sys.path.insert(0, str(HERE))
-    from train_step import machine_info
-    info = machine_info('cpu', a.threads)
+    info = hygiene.machine()
     print(f"{info['date']}  cpu {info['cpu']} ({info['cores']} cores)  torch {info['torch']}  threads {a.threads}  "
-          f"load {info['loadavg']}", flush=True)
+          f"load {info['loadavg']}  (a run is INVALID above load {hygiene.max_load():.1f})", flush=True)
     print(f'workload: PolyMNIST width 1, batch {a.batch}, D_z=D_w=32, 40 clusters, Laplace, IWAE, '
           f'{a.warmup} warm-up + {a.steps} timed step(s) per run', flush=True)
     variants = [('ours', True)] + ([('ours', False)] if a.both_layouts else [])
@@ -150,13 +152,17 @@ def compare(a) -> list:
                 res['round'] = r
                 results.append(res)
                 print(f"K={K:<3d} round {r}  {res['label']:<28s} {res['samples_per_s']:8.3f} samples/s   "
-                      f"steps {res['step_seconds']} s   load {res['loadavg']}", flush=True)
+                      f"steps {res['step_seconds']} s   load {res['load_before']} -> {res['load_after']}{hygiene.mark(res)}", flush=True)
         labels = sorted({x['label'] for x in results if x['K'] == K})
-        med = {l: statistics.median(x['samples_per_s'] for x in results if x['K'] == K and x['label'] == l) for l in labels}
+        med = {l: hygiene.valid_median([x for x in results if x['K'] == K and x['label'] == l]) for l in labels}
         for l in labels:
-            if l != 'multivae':
-                print(f'K={K}: {l}: median {med[l]:.3f} samples/s vs MultiVae {med["multivae"]:.3f}  ->  '
-                      f'ratio ours/MultiVae {med[l] / med["multivae"]:.2f}x', flush=True)
+            if l == 'multivae': continue
+            (ours, n_ours), (peer, n_peer) = med[l], med['multivae']
+            if ours is None or peer is None:
+                print(f'K={K}: {l}: NOT A MEASUREMENT ({n_ours} and {n_peer} valid rounds; {hygiene.MIN_ROUNDS} needed)', flush=True)
+            else:
+                print(f'K={K}: {l}: median {ours:.3f} samples/s ({n_ours} valid rounds) vs MultiVae {peer:.3f} ({n_peer})  ->  '
+                      f'ratio ours/MultiVae {ours / peer:.2f}x', flush=True)
     print(f"load at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return results
 
@@ -168,7 +174,8 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--steps', type=int, default=1, help='timed steps per run (a width-1 step is ~22 GFLOP/sample at K=1)')
     p.add_argument('--warmup', type=int, default=1)
-    p.add_argument('--rounds', type=int, default=2, help='alternating runs per implementation and K')
+    p.add_argument('--rounds', type=int, default=3, help='alternating runs per implementation and K')
+    p.add_argument('--micro-batch', type=int, default=None, help='ours: micro-batches of this many tuples (the peer has none)')
     p.add_argument('--both-layouts', action='store_true', help='also time ours with --no-channels-last')
     p.add_argument('--timeout', type=float, default=3600, help='seconds per subprocess')
     p.add_argument('--json-out', default=None, help='write all results to this JSON file')

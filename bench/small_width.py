@@ -53,7 +53,7 @@ def _step_function(M: int, width: float, batch: int, K: int, clusters: int, lr: 
                                                                  lr=cfg.lr, amsgrad=True)
     g = torch.Generator().manual_seed(seed)
     xs = [torch.rand(batch, 3, 28, 28, generator=g) for _ in range(M)]
-    to_inputs = getattr(T, 'prepare_inputs', None) or T._inputs
+    to_inputs = getattr(T, 'model_inputs', None) or T._inputs
     xs = to_inputs(xs, cfg)
     dev = torch.device('cpu')
 
@@ -67,7 +67,7 @@ def _step_function(M: int, width: float, batch: int, K: int, clusters: int, lr: 
 
 def worker(a) -> dict:
     import torch
-    torch.set_num_threads(a.threads)
+    torch.set_num_threads(a.threads[0])
     step, model = _step_function(a.modalities[0], a.widths[0], a.batch, a.K, a.clusters, a.lr)
     for _ in range(a.warmup): step()
     times = []

@@ -27,7 +27,8 @@ from .metrics import clustering_scores
 # %% auto #0
 __all__ = ['CLUSTER_BASELINES', 'CLUSTER_OPTIONS', 'VaDEOptions', 'DeepClusterOptions', 'CMCOptions', 'vade_prior_terms', 'VaDE',
            'class_balanced_indices', 'FeaturePreprocessor', 'DeepCluster', 'cmc_pair_mask', 'cmc_loss', 'CMC',
-           'make_options', 'PerModality', 'fit_cluster_baseline', 'score_clusters', 'run_cluster_baselines']
+           'make_options', 'PerModality', 'fit_cluster_baseline', 'score_clusters', 'training_history',
+           'run_cluster_baselines']
 
 # %% ../nbs/09_cluster_baselines.ipynb #88c84b95
 class _Options:
@@ -524,6 +525,14 @@ def score_clusters(labels, # true classes `[N]`
     return {**{k: float(np.mean([e[k] for e in each])) for k in ('nmi', 'ari', 'acc')}, 'per_modality': each}
 
 
+def training_history(fitted, # a fitted clustering baseline, or a `PerModality` ensemble of them
+                    ) -> list: # one dict per epoch (phase, epoch, loss, ...), with `modality` for an ensemble
+    "The per-epoch training losses of a fitted clustering baseline, JSON-ready (an ensemble's members one after another)."
+    if isinstance(fitted, PerModality):
+        return [dict(row, modality=m) for m, member in zip(fitted.modalities, fitted.members) for row in training_history(member)]
+    return [{k: (float(v) if isinstance(v, float) else v) for k, v in row.items()} for row in getattr(fitted, 'history', [])]
+
+
 def run_cluster_baselines(train: MultimodalDataset, # fit on this split
                           test: MultimodalDataset, # score on this split
                           n_clusters: int | None = None, # k for every method (None: the number of classes in train)
@@ -532,7 +541,7 @@ def run_cluster_baselines(train: MultimodalDataset, # fit on this split
                           seed: int = 0,
                           device: str | torch.device = 'cpu',
                           progress: bool = True,
-                         ) -> dict: # {method: {nmi, ari, acc, n_clusters, seconds, settings[, per_modality]}}
+                         ) -> dict: # {method: {nmi, ari, acc, n_clusters, seconds, settings, history[, per_modality]}}
     "Fit each clustering baseline on `train` with the true number of clusters, score it on `test` (JSON-serialisable)."
     options = dict(options or {})
     for name in [*methods, *options]: _check_name(name)
@@ -546,6 +555,7 @@ def run_cluster_baselines(train: MultimodalDataset, # fit on this split
         modalities = fitted.modalities if isinstance(fitted, PerModality) else (list(range(test.n_modalities)) if name == 'cmc' else [opts.modality])
         out[name] = dict(nmi=scores['nmi'], ari=scores['ari'], acc=scores['acc'], n_clusters=int(n_clusters),
                          seconds=round(time.time() - t0, 2),
-                         settings=dict(asdict(opts), modalities=modalities, n_train=len(train), n_test=len(test), seed=seed, device=str(device)))
+                         settings=dict(asdict(opts), modalities=modalities, n_train=len(train), n_test=len(test), seed=seed, device=str(device)),
+                         history=training_history(fitted))
         if 'per_modality' in scores: out[name]['per_modality'] = scores['per_modality']
     return out

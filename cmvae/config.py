@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'is_int', 'is_num', 'ConfigMixin', 'resolve_device', 'model_device', 'autocast', 'image_modalities']
+__all__ = ['PRECISIONS', 'is_int', 'is_num', 'ConfigMixin', 'resolve_device', 'model_device', 'autocast', 'image_modalities',
+           'tune_allocator']
 
 # %% ../nbs/03a_config.ipynb #456eb455
 def is_int(v) -> bool:
@@ -103,3 +104,19 @@ def image_modalities(data, # a split with `kinds` ('image' / 'text' per modality
     wrong = [m for m in modalities if m not in found]
     if wrong: raise ValueError(f'{where}: {wrong} are not image modalities of {getattr(data, "name", None) or "the data"} (image modalities: {found})')
     return tuple(modalities)
+
+# %% ../nbs/03a_config.ipynb #5a7d3112
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt parameters of glibc's malloc.h
+
+
+def tune_allocator(mmap_threshold: int = 1 << 30, # blocks below this come from the heap and are reused
+                   trim_threshold: int = 1 << 40, # free memory kept by the heap before it is returned to the system
+                  ) -> bool: # True when glibc took the settings
+    "Let glibc's malloc reuse the large blocks of one training step in the next instead of unmapping and faulting them in again."
+    import ctypes, ctypes.util, platform
+    if platform.system() != 'Linux': return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
+    except (OSError, AttributeError):   # not glibc
+        return False

@@ -10,8 +10,10 @@ import concurrent.futures as cf
 import itertools
 import json
 import os
+import re
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +25,10 @@ from .data import find_project_root
 from .train import CMVAEConfig
 
 # %% auto #0
-__all__ = ['GRID_KEYS', 'EXPERIMENT_KEYS', 'INLINE_BACKEND', 'EXECUTORS', 'GridError', 'RunSpec', 'run_id', 'load_grid',
-           'RunResult', 'project_root', 'grid_paths', 'is_complete', 'title_run_notebook', 'inline_figures',
-           'execute_run', 'select_runs', 'write_failures', 'run_grid', 'argument_parser', 'main']
+__all__ = ['GRID_KEYS', 'EXPERIMENT_KEYS', 'INLINE_BACKEND', 'OTHER_MACHINE_PATH', 'EXECUTORS', 'GridError', 'RunSpec', 'run_id',
+           'load_grid', 'RunResult', 'project_root', 'grid_paths', 'is_complete', 'title_run_notebook',
+           'inline_figures', 'portable_paths', 'make_portable', 'execute_run', 'select_runs', 'write_failures',
+           'run_grid', 'argument_parser', 'main']
 
 # %% ../nbs/10_grid.ipynb #8c58b62a
 class GridError(ValueError):
@@ -151,10 +154,16 @@ def _error_summary(exc: BaseException) -> str:
     return f'{type(exc).__name__}: {exc}'
 
 
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(text); os.replace(tmp, path)
+
+
 def title_run_notebook(path: str | Path, # an executed experiment notebook
                        title: str, # its new page title
                       ) -> None:
-    "Replace the first `# ` heading of a notebook with `title`, so every run has its own page title in the book."
+    """Replace the first `# ` heading of a notebook with `title`, so every run has its own page title in the book, and
+    fold the cell of parameters papermill injected (tag `hide-input`), so the page opens with the run's results."""
     path = Path(path)
     nb = json.loads(path.read_text())
     for cell in nb['cells']:
@@ -162,8 +171,10 @@ def title_run_notebook(path: str | Path, # an executed experiment notebook
         if cell['cell_type'] == 'markdown' and src.startswith('# '):
             cell['source'] = '\n'.join([f'# {title}'] + src.split('\n')[1:])
             break
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n'); os.replace(tmp, path)
+    for cell in nb['cells']:
+        tags = cell.get('metadata', {}).get('tags', [])
+        if 'injected-parameters' in tags and 'hide-input' not in tags: tags.append('hide-input')
+    _write_atomic(path, json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
 
 # %% ../nbs/10_grid.ipynb #8f45a12c
 INLINE_BACKEND = 'module://matplotlib_inline.backend_inline'
@@ -171,6 +182,39 @@ INLINE_BACKEND = 'module://matplotlib_inline.backend_inline'
 def inline_figures() -> None:
     "Make kernels started from this process draw figures into the notebook, whatever `MPLBACKEND` the caller set."
     os.environ['MPLBACKEND'] = INLINE_BACKEND
+
+# %% ../nbs/10_grid.ipynb #ee3c6649
+OTHER_MACHINE_PATH = re.compile(r'(?<![\w.~<>$])/(?:work|tmp|root|home|scratch|mnt|Users)/[^\s"\'\\,;:)\]}>]*')
+
+
+def portable_paths(text: str, # any text (a notebook's or metrics.json's JSON)
+                   root: str | Path, # the project root the run was executed in
+                   data_dir: str | Path | None = None, # the run's data folder, when outside the project ($CMVAE_DATA)
+                  ) -> str:
+    "`text` with every absolute path of this machine made relative to `root` or symbolic (`$CMVAE_DATA`, `<venv>`, `~`, `<tmp>`, `<path>`)."
+    subs = [(Path(data_dir), '$CMVAE_DATA')] if data_dir else []
+    subs += [(Path(root), ''), (Path(sys.prefix), '<venv>'), (Path(sys.base_prefix), '<python>'), (Path.home(), '~'),
+             (Path(tempfile.gettempdir()), '<tmp>')]
+    pairs = {}
+    for path, new in subs:
+        for form in {str(path), str(path.resolve())}:
+            if len(form) > 1: pairs.setdefault(form, new)
+    for old, new in sorted(pairs.items(), key=lambda kv: -len(kv[0])):   # the longest (most specific) first
+        below = lambda m, new=new: (f'{new}/' if new else '') if m.group(1) else (new or '.')   # old/... or old itself
+        text = re.sub(re.escape(old) + r'(?:(/)|(?![\w.\-]))', below, text)
+    return OTHER_MACHINE_PATH.sub('<path>', text)
+
+
+def make_portable(path: str | Path, # a text file (an executed notebook, a metrics.json)
+                  root: str | Path, # the project root the run was executed in
+                  data_dir: str | Path | None = None, # the run's data folder
+                 ) -> bool: # whether anything changed
+    "Rewrite the machine paths of a file in place with `portable_paths`."
+    path = Path(path)
+    text = path.read_text()
+    new = portable_paths(text, root, data_dir)
+    if new != text: _write_atomic(path, new)
+    return new != text
 
 # %% ../nbs/10_grid.ipynb #7b9ac114
 def execute_run(spec: RunSpec, # the run
@@ -187,7 +231,9 @@ def execute_run(spec: RunSpec, # the run
     out_dir = work_dir / spec.run_id
     out_dir.mkdir(parents=True, exist_ok=True)
     output = book_dir / f'{spec.run_id}.ipynb'
-    params = {**spec.config.to_dict(), 'out_dir': str(out_dir), 'run_id': spec.run_id, 'grid': spec.grid, **(extra or {})}
+    params = {**spec.config.to_dict(), 'out_dir': out_dir.relative_to(root).as_posix(),   # relative to the project root
+              'run_id': spec.run_id, 'grid': spec.grid, **(extra or {})}
+    data_dir = spec.config.data_dir or os.environ.get('CMVAE_DATA')
     t0 = time.time()
     inline_figures()
     try:
@@ -197,14 +243,16 @@ def execute_run(spec: RunSpec, # the run
         if not metrics.exists(): raise RuntimeError(f'the notebook finished without writing {metrics}')
         stored = json.loads(metrics.read_text())
         if not spec.matches(stored.get('config', {})): raise RuntimeError(f'{metrics} holds another configuration')
-        shutil.copyfile(metrics, book_dir / f'{spec.run_id}.metrics.json')
+        (book_dir / f'{spec.run_id}.metrics.json').write_text(portable_paths(metrics.read_text(), root, data_dir))
         for png in sorted(out_dir.glob('*.png')):   # figures the report shows outside the run's notebook
             shutil.copyfile(png, book_dir / f'{spec.run_id}.{png.name}')
         title_run_notebook(output, f'Run {spec.run_id} ({spec.grid} grid)')
+        make_portable(output, root, data_dir)
         return RunResult(spec.run_id, 'complete', time.time() - t0, notebook=str(output))
     except Exception as e:   # a failing run is reported, never raised: the others go on
         try:
-            if output.exists(): title_run_notebook(output, f'Failed run {spec.run_id} ({spec.grid} grid)')
+            if output.exists():
+                title_run_notebook(output, f'Failed run {spec.run_id} ({spec.grid} grid)'); make_portable(output, root, data_dir)
         except (OSError, ValueError, KeyError): pass   # a cosmetic title must not hide the run's own error
         return RunResult(spec.run_id, 'failed', time.time() - t0, _error_summary(e), str(output))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
@@ -24,11 +25,12 @@ from .config import model_device
 from .data import MultimodalDataset, sha256_file
 
 # %% auto #0
-__all__ = ['FID_WEIGHTS_FILE', 'FID_WEIGHTS_SHA256_PREFIX', 'contingency', 'match_clusters', 'cluster_accuracy',
+__all__ = ['FID_WEIGHTS_FILE', 'FID_WEIGHTS_SHA256_PREFIX', 'PRIORS', 'contingency', 'match_clusters', 'cluster_accuracy',
            'clustering_scores', 'plot_confusion', 'subsets_of', 'predict_digits', 'conditional_coherence',
            'unconditional_coherence', 'coherence_of_real_data', 'frechet_distance', 'feature_statistics',
            'InceptionWeightsError', 'quantize_8bit', 'check_inception_weights', 'InceptionFeatures',
-           'ClassifierFeatures', 'image_features', 'image_statistics', 'generation_fd', 'evaluate_generation']
+           'ClassifierFeatures', 'image_features', 'image_statistics', 'generation_fd', 'cluster_prior',
+           'evaluate_generation']
 
 # %% ../nbs/06_metrics.ipynb #a4390d8e
 def _ids(x, name: str) -> np.ndarray:
@@ -431,6 +433,27 @@ def generation_fd(real, # real images `[N, 3, H, W]`, or their `image_statistics
     value = frechet_distance(r['mu'], r['sigma'], f['mu'], f['sigma'], method=method)
     return dict(value=value, kind=extractor.kind, n_real=r['n'], n_fake=f['n'], modality=modality)
 
+# %% ../nbs/06_metrics.ipynb #40e5aba0
+PRIORS = {'pruned': 'pruned π: clusters kept by the post-hoc selection (renormalised)',
+          'unpruned': 'unpruned π: every cluster (the spec\'s training-time definition)'}
+
+
+@contextmanager
+def cluster_prior(model, # CMVAE (has an `active` buffer) or a model without clusters
+                  prior: str = 'pruned', # 'pruned' or 'unpruned'
+                 ):
+    "Within the block, unconditional samples of a CMVAE draw their cluster from the pruned or the unpruned π; its selection is restored afterwards."
+    if prior not in PRIORS: raise ValueError(f'prior must be one of {tuple(PRIORS)}, got {prior!r}')
+    active = getattr(model, 'active', None)
+    if prior == 'pruned' or active is None:
+        yield
+        return
+    kept = active.clone()
+    try:
+        active.fill_(True)
+        yield
+    finally: active.copy_(kept)
+
 # %% ../nbs/06_metrics.ipynb #458712d8
 def evaluate_generation(model, # CMVAE or a baseline with `generate` and `cross_generate`
                         test_data: MultimodalDataset, # conditioning tuples and real reference images
@@ -443,8 +466,11 @@ def evaluate_generation(model, # CMVAE or a baseline with `generate` and `cross_
                         generator: torch.Generator | int | None = 0, # seed or generator of every generation
                         fd_method: str = 'sqrtm', # see `frechet_distance`
                         progress: bool = True,
+                        prior: str = 'pruned', # unconditional samples from the 'pruned' or 'unpruned' π (`cluster_prior`)
+                        split: str = 'test', # the name of `test_data`'s split, recorded in the settings
                        ) -> dict:
     "Coherence (conditional, unconditional) and Fréchet distances (unconditional, conditional), as a JSON-ready dict."
+    if prior not in PRIORS: raise ValueError(f'prior must be one of {tuple(PRIORS)}, got {prior!r}')
     M = model.n_modalities
     device = model_device(model, device)
     generator = _generator(generator, device)
@@ -461,7 +487,10 @@ def evaluate_generation(model, # CMVAE or a baseline with `generate` and `cross_
     out = dict(coherence=coherence, generation=generation, settings=dict(n_test=len(test_data), n_uncond=n_uncond, subsets=subsets if isinstance(subsets, str) else [list(s) for s in subsets],
                              fd_kind=extractor.kind if extractor else None, feature_dim=extractor.dim if extractor else None,
                              fd_images='clamped to [0, 1] and quantised to 8 bit before feature extraction',
-                             coherence_images='unclamped decoder means', device=str(device)))
+                             coherence_images='unclamped decoder means', device=str(device), prior=prior,
+                             prior_meaning=PRIORS[prior] if hasattr(model, 'active') else 'no clusters: not used', split=split,
+                             clusters_sampled=int(model.active.sum()) if hasattr(model, 'active') and prior == 'pruned' else
+                             int(model.active.numel()) if hasattr(model, 'active') else None))
     real = {t: image_statistics(test_data.modalities[t], extractor, t, batch_size) for t in fd_mods}
     cond_feats = {(s, t): [] for s in range(M) for t in fd_mods}
     uncond_feats = {t: [] for t in fd_mods}
@@ -473,7 +502,7 @@ def evaluate_generation(model, # CMVAE or a baseline with `generate` and `cross_
     def on_uncond(outs):
         for t in fd_mods: uncond_feats[t].append(extractor(quantize_8bit(outs[t]), t).float().cpu().numpy())
 
-    with eval_mode(model):
+    with eval_mode(model), cluster_prior(model, prior):
         if has_clf:
             coherence['conditional'] = conditional_coherence(model, test_data, classifiers, subsets, batch_size, device,
                                                                  generator, progress, on_cond)

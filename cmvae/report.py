@@ -11,13 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .cost import measured_cost_table, paper_cost, paper_cost_table
 from .grid import GridError, inline_figures, project_root
+from .numbers import Numbers, render_pages
 from .results import ReportError, aggregate, load_paper_numbers, load_runs
-from .tables import ddpm_figures, metric_by_beta_figure, paper_comparison_table, results_table, runs_index
+from .tables import (comparison_figure, ddpm_figures, far_table, metric_by_beta_figure, modalities_note, paper_table,
+                          results_table, runs_index, runs_table)
 
 # %% auto #0
-__all__ = ['CLUSTERING_METRICS', 'GENERATION_METRICS', 'DDPM_METRICS', 'method_notebooks', 'execute_method_notebooks',
-           'write_report_pages', 'build_book', 'argument_parser', 'main']
+__all__ = ['CLUSTERING_METRICS', 'GENERATION_METRICS', 'DDPM_METRICS', 'PAPER_GENERATION', 'method_notebooks',
+           'execute_method_notebooks', 'claim_tables', 'claim_figures', 'write_report_pages', 'build_book',
+           'argument_parser', 'main']
 
 # %% ../nbs/11_report.ipynb #fc19e968
 def method_notebooks(root: str | Path | None = None) -> tuple: # project root (default: the enclosing checkout)
@@ -59,36 +63,81 @@ GENERATION_METRICS = ['coherence_conditional', 'coherence_unconditional', 'fd_un
 DDPM_METRICS = ['ddpm_fd_unconditional_vae', 'ddpm_fd_unconditional_refined', 'ddpm_fd_conditional_vae', 'ddpm_fd_conditional_refined',
                 'ddpm_coherence_unconditional_vae', 'ddpm_coherence_unconditional_refined',
                 'ddpm_coherence_conditional_vae', 'ddpm_coherence_conditional_refined']
+PAPER_GENERATION = ['fd_unconditional', 'coherence_unconditional', 'fd_conditional', 'coherence_conditional']   # the paper's column order
+
+
+def claim_tables(runs: list, # completed runs (`load_runs`)
+                 entries: list, # the paper's numbers
+                 root: Path, # project root (run links)
+                ) -> dict: # {file name: markdown}
+    "Every generated table of the claim and run pages."
+    groups = aggregate(runs)
+    cmvae = {k: g for k, g in groups.items() if k[2] == 'cmvae'}
+    ddpm = [m for m in runs if (m.get('ddpm') or {}).get('summary')]
+    clusters = [e for e in entries if e['metric'] == 'selected_clusters']
+    before_after = lambda what: tuple(f'ddpm_{what}_{s}' for s in ('vae', 'refined'))
+    return {
+        'claim1_paper_clustering.md': '\n'.join(f'**{ds}**\n\n' + paper_table(entries, ds, ['nmi', 'ari', 'acc']) for ds in ('polymnist', 'cubicc')),
+        'claim1_paper_generation.md': '**polymnist**\n\n' + paper_table(entries, 'polymnist', PAPER_GENERATION),
+        'claim1_modalities.md': modalities_note(groups),
+        'claim1_clustering.md': results_table(groups, CLUSTERING_METRICS),
+        'claim1_generation.md': results_table(groups, GENERATION_METRICS),
+        'claim1_far.md': far_table(groups, entries, ['nmi', 'ari', 'acc'] + GENERATION_METRICS),
+        'claim2_paper.md': '\n'.join(['| data set | source | β | selected clusters | seeds |', '|---|---|---|---|---|'] +
+                                     [f"| {e['dataset']} | {e['source']} | {e['beta']} | {e['value']} | {e['n_seeds']} |" for e in clusters]) + '\n',
+        'claim2_selection.md': results_table(cmvae, ['selected_clusters', 'nmi_unpruned', 'nmi', 'ari', 'acc']),
+        'claim2_runs.md': runs_table([m for m in runs if m['config'].get('model', 'cmvae') == 'cmvae'],
+                                     {'initial clusters': 'clustering.initial_clusters', 'selected': 'selected_clusters',
+                                      'holding test tuples': 'clustering.used_clusters', 'NMI before → after selection': ('nmi_unpruned', 'nmi')}, root),
+        'claim2_far.md': far_table(cmvae, entries, ['selected_clusters']),
+        'claim3_ddpm.md': results_table({k: g for k, g in groups.items() if any(m in g['metrics'] for m in DDPM_METRICS)}, DDPM_METRICS),
+        'claim3_runs.md': runs_table(ddpm, {'uncond. FD ↓: CMVAE → +DDPM': before_after('fd_unconditional'),
+                                            'cond. FD ↓': before_after('fd_conditional'),
+                                            'uncond. coherence': before_after('coherence_unconditional'),
+                                            'cond. coherence': before_after('coherence_conditional')}, root),
+        'claim3_figures.md': ddpm_figures(runs),
+        'runs.md': runs_index(runs, root),
+        'cost_measured.md': measured_cost_table(runs),
+    }
+
+
+def claim_figures(runs: list, # completed runs
+                  entries: list, # the paper's numbers
+                  folder: Path, # where the PNGs go (book/_generated/figures)
+                 ) -> str: # markdown showing them (paths relative to book/)
+    "CMVAE beside the baselines per data set and β, with the paper's values at the same β; CMVAE's metrics against β."
+    import matplotlib.pyplot as plt
+    groups = aggregate(runs)
+    shown = []
+    def save(fig, name):
+        fig.savefig(folder / name, dpi=100); plt.close(fig); shown.append(name)
+    for ds, beta in sorted({(k[1], k[3]) for k in groups}):
+        if sum(1 for k in groups if k[1:4:2] == (ds, beta)) > 1 or ds == 'polymnist':
+            save(comparison_figure(groups, entries, ds, beta, ['nmi', 'ari', 'acc'] + GENERATION_METRICS), f'{ds}_beta{beta:g}_models.png')
+    for metric in ('nmi', 'selected_clusters', 'coherence_conditional'):
+        for ds in sorted({k[1] for k in groups if k[2] == 'cmvae'}):
+            save(metric_by_beta_figure({k: g for k, g in groups.items() if k[2] == 'cmvae'}, metric, entries, ds), f'{ds}_{metric}_by_beta.png')
+    return '\n'.join(f'```{{image}} _generated/figures/{name}\n:width: {"100%" if "_models" in name else "45%"}\n```\n' for name in shown) or '*No figures yet.*\n'
 
 
 def write_report_pages(root: str | Path | None = None, # project root (default: the enclosing checkout)
                       ) -> list: # paths written
-    "Generate the tables and figures the claim pages include, from every completed run."
+    "The generated tables, figures, cost estimate and rendered verdicts the pages include, from every completed run."
     import matplotlib; matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     root = project_root(root)
     gen = root / 'book' / '_generated'
-    (gen / 'tables').mkdir(parents=True, exist_ok=True); (gen / 'figures').mkdir(parents=True, exist_ok=True)
+    for sub in ('tables', 'figures'): (gen / sub).mkdir(parents=True, exist_ok=True)
     runs, entries = load_runs(root), load_paper_numbers(root)
-    groups = aggregate(runs)
-    cmvae_groups = {k: g for k, g in groups.items() if k[2] == 'cmvae'}
+    pages = claim_tables(runs, entries, root)
+    pages['claim1_figures.md'] = claim_figures(runs, entries, gen / 'figures')
+    grid = root / 'parameters' / 'paper.yaml'
+    pages['cost_paper.md'] = paper_cost_table(paper_cost(grid, cache=gen / 'cost_paper.json')) if grid.exists() else '*No parameters/paper.yaml.*\n'
     written = []
-    def put(name, text):
+    for name, text in pages.items():
         (gen / 'tables' / name).write_text(text); written.append(gen / 'tables' / name)
-    put('claim1_clustering.md', results_table(groups, CLUSTERING_METRICS))
-    put('claim1_generation.md', results_table(groups, GENERATION_METRICS))
-    put('claim1_paper.md', paper_comparison_table(groups, entries, CLUSTERING_METRICS + GENERATION_METRICS))
-    put('claim2_selection.md', results_table(cmvae_groups, ['selected_clusters', 'nmi_unpruned', 'nmi', 'ari', 'acc']))
-    put('claim2_paper.md', paper_comparison_table(cmvae_groups, entries, ['selected_clusters']))
-    put('claim3_ddpm.md', results_table({k: g for k, g in groups.items() if any(m in g['metrics'] for m in DDPM_METRICS)}, DDPM_METRICS))
-    put('claim3_figures.md', ddpm_figures(runs))
-    put('runs.md', runs_index(runs, root))
-    for metric in ('nmi', 'selected_clusters', 'coherence_conditional'):
-        for ds in sorted({k[1] for k in cmvae_groups}):
-            fig = metric_by_beta_figure(cmvae_groups, metric, entries, ds)
-            path = gen / 'figures' / f'{ds}_{metric}_by_beta.png'
-            fig.savefig(path, dpi=110); plt.close(fig); written.append(path)
-    put('figures.md', '\n'.join(f'```{{image}} _generated/figures/{p.name}\n:width: 45%\n```\n' for p in sorted((gen / 'figures').glob('*_by_beta.png'))) or '*No figures yet.*\n')
+    nums = Numbers.from_runs(runs, entries, gen / 'tables')
+    written += render_pages(root / 'book' / 'verdicts', gen / 'verdicts', nums)
+    for line in nums.missing: print(f'no data for a placeholder: {line}', file=sys.stderr)
     return written
 
 # %% ../nbs/11_report.ipynb #c89db66b

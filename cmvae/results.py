@@ -15,14 +15,18 @@ import yaml
 from .grid import project_root
 
 # %% auto #0
-__all__ = ['METRIC_LABELS', 'PAPER_SCALE', 'ReportError', 'flat_metrics', 'load_runs', 'summarise', 'group_key', 'aggregate',
-           'scale_of', 't_test', 'load_paper_numbers', 'paper_value', 'at_paper_scale']
+__all__ = ['DATASET_MODALITIES', 'MODEL_NAMES', 'METRIC_LABELS', 'PAPER_ENTRY_KEYS', 'PAPER_SCALE', 'ReportError', 'flat_metrics',
+           'load_runs', 'summarise', 'group_key', 'aggregate', 'scale_of', 't_test', 'load_paper_numbers',
+           'paper_value', 'at_paper_scale']
 
 # %% ../nbs/10a_results.ipynb #ebecc3d8
 class ReportError(ValueError):
     "The report cannot be made from what it reads; the message names the file and what is wrong."
 
 # %% ../nbs/10a_results.ipynb #50de408e
+DATASET_MODALITIES = {'polymnist': 5, 'cubicc': 2, 'captioned': 2}   # every modality of a data set
+MODEL_NAMES = {'cmvae': 'CMVAE', 'mmvae_plus': 'MMVAE+', 'mmvae': 'MMVAE', 'mopoe': 'MoPoE-VAE', 'mvae': 'MVAE',
+               'mmjsd': 'mmJSD', 'mvtcae': 'MVTCAE', 'vade': 'VaDE', 'deepcluster': 'DeepCluster', 'cmc': 'CMC'}   # as the papers write them, in table order
 METRIC_LABELS = {   # key -> (label, higher is better)
     'selected_clusters': ('selected clusters', None),
     'nmi': ('NMI', True), 'ari': ('ARI', True), 'acc': ('ACC', True),
@@ -103,17 +107,18 @@ def aggregate(runs: list, # metrics.json dicts (as `load_runs` gives them)
 
 def scale_of(runs: list, # the runs of one group
             ) -> dict: # each entry one value, or the list of the values the runs differ in
-    "What the runs of a group were: data sizes, epochs, width, K, batch, device, seeds, FD kind, wall time."
+    "What the runs of a group were: data sizes, modalities, epochs, width, K, batch, lr, device, seeds, FD kind, wall time."
     def uniq(vals):
         vals = sorted({json.dumps(v) for v in vals})
         return json.loads(vals[0]) if len(vals) == 1 else [json.loads(v) for v in vals]
     sc = [m.get('scale', {}) for m in runs]
     cf = [m['config'] for m in runs]
-    return dict(seeds=sorted(c['seed'] for c in cf), n_train=uniq([s.get('n_train') for s in sc]),
+    return dict(dataset=uniq([c['dataset'] for c in cf]), seeds=sorted(c['seed'] for c in cf), n_train=uniq([s.get('n_train') for s in sc]),
                 n_test=uniq([s.get('n_test') for s in sc]), epochs=uniq([c['epochs'] for c in cf]),
                 width=uniq([c['width'] for c in cf]), K=uniq([c['K'] for c in cf]), batch_size=uniq([c['batch_size'] for c in cf]),
                 n_clusters=uniq([c['n_clusters'] for c in cf]), device=uniq([s.get('device_name') or s.get('device') for s in sc]),
-                fd_kind=uniq([(m.get('generation') or {}).get('fd_kind') for m in runs]),
+                modalities=uniq([c.get('n_modalities') or DATASET_MODALITIES.get(c['dataset']) for c in cf]),
+                lr=uniq([c.get('lr') for c in cf]), fd_kind=uniq([(m.get('generation') or {}).get('fd_kind') for m in runs]),
                 data=uniq([s.get('data') for s in sc]),
                 minutes=round(sum(s.get('seconds', {}).get('total', 0) for s in sc) / 60, 1))
 
@@ -128,9 +133,12 @@ def t_test(values: list, # one number per seed
     return float(stats.ttest_1samp(x, reference).pvalue)
 
 # %% ../nbs/10a_results.ipynb #6eb69bf0
+PAPER_ENTRY_KEYS = ('dataset', 'model', 'metric', 'beta', 'value', 'sd', 'n_seeds', 'source')
+
+
 def load_paper_numbers(root: str | Path | None = None, # project root (default: the enclosing checkout)
-                      ) -> list: # entries with dataset, model, metric, value (or None), source and optionally beta
-    "The entries of `book/paper_numbers.yaml` (each with dataset, model, metric, value or None, and its source)."
+                      ) -> list: # entries with dataset, model, metric, beta, value, sd, n_seeds, source (and kind, note)
+    "The entries of `book/paper_numbers.yaml`, checked: every field present, β a number or 'any', a known source and metric."
     path = project_root(root) / 'book' / 'paper_numbers.yaml'
     if not path.is_file(): raise ReportError(f'{path}: the paper\'s numbers are missing')
     try: spec = yaml.safe_load(path.read_text())
@@ -138,20 +146,27 @@ def load_paper_numbers(root: str | Path | None = None, # project root (default: 
     sources = spec.get('sources', {})
     entries = []
     for e in spec.get('entries', []):
-        missing = {'dataset', 'model', 'metric', 'value', 'source'} - set(e)
+        missing = set(PAPER_ENTRY_KEYS) - set(e)
         if missing: raise ReportError(f'paper_numbers.yaml: entry {e} lacks {sorted(missing)}')
         if e['source'] not in sources: raise ReportError(f'paper_numbers.yaml: entry {e} cites unknown source {e["source"]!r}')
+        if e['metric'] not in METRIC_LABELS: raise ReportError(f'paper_numbers.yaml: entry {e}: unknown metric {e["metric"]!r}')
+        if e['beta'] != 'any' and not isinstance(e['beta'], (int, float)):
+            raise ReportError(f'paper_numbers.yaml: entry {e}: beta must be a number or "any", got {e["beta"]!r}')
         entries.append(e)
     return entries
 
 
 def paper_value(entries: list, # as `load_paper_numbers` gives them
                 dataset: str, model: str, metric: str, # what to look up
-                beta: float | None = None, # the β of our group (entries without a β match any)
-               ) -> dict | None: # the entry
-    "The paper's entry for (dataset, model, metric[, beta]), or None. Entries without a beta apply to any beta."
+                beta: float | str | None = None, # the β of our group ('any': only β-independent entries)
+                source: str | None = None, # only entries of this source (None: any)
+               ) -> dict | None: # the first matching entry
+    """The entry for (dataset, model, metric) at `beta`, or None. An entry matches only at its own β; one marked
+    `beta: any` (β-independent, like the number of clusters to find) matches every β; one without β matches nothing."""
     for e in entries:
-        if (e['dataset'], e['model'], e['metric']) == (dataset, model, metric) and e.get('beta') in (None, beta): return e
+        if (e['dataset'], e['model'], e['metric']) != (dataset, model, metric) or (source and e['source'] != source): continue
+        b = e.get('beta')
+        if b == 'any' or (b is not None and beta not in (None, 'any') and float(b) == float(beta)): return e
     return None
 
 # %% ../nbs/10a_results.ipynb #14ef0780

@@ -1,5 +1,6 @@
 """Grid runner, every path of the experiment notebook through papermill, the command lines, and the book built from the runs."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,19 @@ def test_tiny_grid_runs_through_papermill(project):
     heading = next(''.join(c['source']) for c in cells if c['cell_type'] == 'markdown')
     assert heading.startswith('# Run polymnist-beta2.5-seed0 (tiny grid)'), heading   # its own page title in the book
     assert any(o.get('output_type') == 'display_data' for c in cells for o in c.get('outputs', []))
+    # the page opens with the results: the summary cell (the first code cell) holds the headline table, the learning
+    # curve and the samples, filled in at the end of the run; every code cell is folded
+    code = [c for c in cells if c['cell_type'] == 'code']
+    top = [o for o in code[0]['outputs'] if o.get('output_type') == 'display_data']
+    assert '| NMI |' in ''.join(top[0]['data']['text/markdown']) and "Not the paper's scale" in ''.join(top[0]['data']['text/markdown'])
+    assert 'image/png' in top[1]['data'] and 'image/png' in top[2]['data']
+    assert all('hide-input' in c['metadata'].get('tags', []) for c in code)
+    # no machine path: out_dir is relative to the project root, the rest is rewritten
+    for path in (nb, root / 'book' / 'runs' / 'tiny' / 'polymnist-beta2.5-seed0.metrics.json'):
+        text = path.read_text()
+        assert str(root) not in text and not re.search(r'(?<![\w.~<>$])/(?:work|tmp|root|home)/', text), path
+    assert '"out_dir": "runs/tiny/polymnist-beta2.5-seed0"' in nb.read_text()
+    assert metrics['generation']['settings']['prior'] == 'pruned' and metrics['generation']['settings']['split'] == 'test'
 
 
 def test_second_invocation_skips_complete_runs(project):
@@ -265,6 +279,9 @@ def test_clustering_baseline_run(variants):
     assert m['clustering']['settings']['modalities'] == [0, 1] and 0 <= m['clustering']['acc'] <= 1
     assert m['coherence'] == {} and m['generation'] == {} and m['training'] == {} and m['ddpm'] is None
     assert 'a clustering method generates nothing' in _outputs(root, 'polymnist-cmc-beta2.5-seed0')
+    cells = json.loads((root / 'book' / 'runs' / 'variants' / 'polymnist-cmc-beta2.5-seed0.ipynb').read_text())['cells']
+    summary = [o for o in next(c for c in cells if c['cell_type'] == 'code')['outputs'] if o.get('output_type') == 'display_data']
+    assert 'image/png' in summary[1]['data']   # its training curve, like every other run's
 
 
 def test_captioned_run(variants):
