@@ -5,6 +5,7 @@
 # %% ../nbs/00b_polymnist.ipynb #aed52c1e
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -161,16 +162,19 @@ def build_polymnist(root: str | Path | None = None, # data folder; the set goes 
     request = dict(source=str(source), n_modalities=int(n_modalities), seed=seed, backgrounds=list(names[:n_modalities]),
                    test_fraction=test_fraction if str(source) == 'npm' else None, val_fraction=val_fraction)
     if not overwrite and is_built(target, request): return target
-    train, test = load_mnist(source, cache_dir, test_fraction, seed)
-    bgs = [load_background(b) for b in names[:n_modalities]]
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{target.name}-build-', dir=target.parent))
-    try:
-        _write_polymnist(tmp, train, test, bgs, seed, val_fraction, request)
-        if target.exists(): shutil.rmtree(target)   # the old build and its .cache/ go together
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+    with open(target.parent / f'.{target.name}.lock', 'w') as lock:   # runs started together build it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not overwrite and is_built(target, request): return target   # another process built it meanwhile
+        train, test = load_mnist(source, cache_dir, test_fraction, seed)
+        bgs = [load_background(b) for b in names[:n_modalities]]
+        tmp = Path(tempfile.mkdtemp(prefix=f'.{target.name}-build-', dir=target.parent))
+        try:
+            _write_polymnist(tmp, train, test, bgs, seed, val_fraction, request)
+            if target.exists(): shutil.rmtree(target)   # the old build and its .cache/ go together
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 # %% ../nbs/00b_polymnist.ipynb #a7f78765

@@ -110,3 +110,30 @@ def test_missing_modality_names_found_and_expected(built):
     shutil.rmtree(built / 'train' / 'm1')
     with pytest.raises(DataError, match=r'modality folder m1 is missing: found m0, m2, expected m0\.\.m1'):
         PolyMNIST(built, 'train')
+
+
+def _build_in_process(args):
+    "build_polymnist in a fresh process, writing a line to `root/builds.log` whenever it writes a set."
+    root, idx_dir = args
+    write = pm._write_polymnist
+    def counted(*a, **k):
+        with open(root / 'builds.log', 'a') as f: f.write('built\n')
+        return write(*a, **k)
+    pm._write_polymnist = counted
+    return str(build_polymnist(root, source=idx_dir, n_modalities=2, seed=0))
+
+
+def test_concurrent_builds_build_once_and_never_pull_the_set_from_under_a_reader(idx_dir, tmp_path, monkeypatch):
+    "Two runs of a grid that start together on a fresh data folder: one builds, the other waits and reuses it."
+    import multiprocessing as mp
+    with mp.get_context('spawn').Pool(2) as pool:
+        folders = pool.map(_build_in_process, [(tmp_path, idx_dir)] * 2)
+    assert folders[0] == folders[1]
+    assert (tmp_path / 'builds.log').read_text() == 'built\n'                                    # built once
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.PolyMNIST-build-')] == []   # no build left behind
+    data = PolyMNIST(folders[0], 'train')
+    assert len(data) == 120 and data.n_modalities == 2
+    writes = []                                                    # a further call with the lock free builds nothing
+    monkeypatch.setattr(pm, '_write_polymnist', lambda *a, **k: writes.append(a))
+    build_polymnist(tmp_path, source=idx_dir, n_modalities=2, seed=0)
+    assert writes == []
