@@ -154,6 +154,8 @@ def claim3_comparison(model: nn.Module, # a trained CMVAE (eval mode)
     stops = sorted({*range(curve_every, cfg.steps, curve_every), cfg.steps}) if curve_every else [cfg.steps]
     curve_file = Path(out_dir) / 'curve.json' if out_dir else None
     curve = json.loads(curve_file.read_text()) if curve_file is not None and curve_file.exists() else []
+    scored_as = dict(n_curve=n_curve, **{f'sample_{k}': v for k, v in sampling.items()})   # a point scored otherwise is stale
+    curve = [p for p in curve if all(p.get(k) == v for k, v in scored_as.items())]
     curve_test = test_subset(splits['test'], n_curve, seed)
 
     def score(m, data, n):
@@ -161,12 +163,12 @@ def claim3_comparison(model: nn.Module, # a trained CMVAE (eval mode)
         return dict(**generation_summary(evaluate_generation(m, data, classifiers, n_uncond=n, **kw)), eval_seconds=time.time() - t)
 
     if curve_every and not any(p['step'] == 0 for p in curve):
-        curve.append(dict(step=0, model='CMVAE', **score(model, curve_test, n_curve)))
+        curve.append(dict(step=0, model='CMVAE', **scored_as, **score(model, curve_test, n_curve)))
     for stop in stops:
         refiner, rows = train_refiner(model, splits['train'], cfg, out_dir, val_data=splits['val'], progress=progress,
                                       stop_after_step=stop)
         if curve_every and rows and int(rows[-1]['step']) == stop and not any(p['step'] == stop for p in curve):
-            curve.append(dict(step=stop, model='refined', loss=rows[-1]['loss'], val_loss=rows[-1]['val_loss'],
+            curve.append(dict(step=stop, model='refined', loss=rows[-1]['loss'], val_loss=rows[-1]['val_loss'], **scored_as,
                               **score(RefinedModel(model, refiner.eval(), **sampling), curve_test, n_curve)))
         if curve_file is not None: curve_file.write_text(json.dumps(sorted(curve, key=lambda p: p['step']), indent=1))
     refiner.eval()
