@@ -5,88 +5,214 @@
 # %% ../nbs/07b_claim3.ipynb #029aee16
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from torch import nn
 
-from .data import show_tuples
-from .ddpm import DDPMConfig, Refiner, refine_outputs
+from .config import model_device
+from .data import MultimodalDataset, one_per_class
+from .ddpm import DDPMConfig, Refiner, n_parameters, refine_outputs
 from .ddpm_train import train_refiner
+from .loop import atomic_save
 from .metrics import evaluate_generation
 
 # %% auto #0
-__all__ = ['RefinedModel', 'claim3_comparison']
+__all__ = ['RefinedModel', 'side_by_side', 'generation_summary', 'test_subset', 'claim3_comparison', 'design_table',
+           'design_rows']
 
 # %% ../nbs/07b_claim3.ipynb #31e40b09
 class RefinedModel(nn.Module):
     "A generative model whose generated images are refined by a DDPM refiner (same interface as the model)."
-    def __init__(self, model: nn.Module, refiner: Refiner, steps: int = 50, scheduler: str = 'ddim', batch_size: int = 256):
+    def __init__(self, model: nn.Module, # the CMVAE (anything with `generate` / `cross_generate`)
+                 refiner: Refiner, # a trained refiner
+                 steps: int = 50, # reverse steps over the whole chain (about strength·steps of them run)
+                 scheduler: str = 'ddim', # 'ddim' or 'ddpm'
+                 strength: float = 1.0, # where the chain starts: 1 pure noise, < 1 x̂ noised to strength·T
+                 seed: int = 0, # seed of the refinement noise (the wrapper's own generator)
+                 batch_size: int = 256, # images per reverse pass
+                ):
         super().__init__()
         self.model, self.refiner = model, refiner
-        self.steps, self.scheduler, self.batch_size = steps, scheduler, batch_size
+        self.steps, self.scheduler, self.strength, self.batch_size = steps, scheduler, strength, batch_size
+        self.noise = torch.Generator().manual_seed(seed)
 
     @property
     def n_modalities(self) -> int: return self.model.n_modalities
     @property
     def likelihoods(self): return self.model.likelihoods
 
-    def _refine(self, outs: list, generator) -> list:
-        return refine_outputs(self.refiner, outs, steps=self.steps, scheduler=self.scheduler, generator=generator,
-                              batch_size=self.batch_size, progress=False)
+    def _refine(self, outs: list) -> list:
+        return refine_outputs(self.refiner, outs, steps=self.steps, scheduler=self.scheduler, strength=self.strength,
+                              generator=self.noise, batch_size=self.batch_size, progress=False)
 
     @torch.no_grad()
-    def generate(self, n: int, generator: torch.Generator | None = None) -> list:
+    def generate(self, n: int, # samples
+                 generator: torch.Generator | None = None, # the model's randomness (the refiner has its own)
+                ) -> list:
         "The model's `n` unconditional samples, refined: M tensors `[n, ...]`."
-        return self._refine(self.model.generate(n, generator=generator), generator)
+        return self._refine(self.model.generate(n, generator=generator))
 
     @torch.no_grad()
-    def cross_generate(self, xs: list, sources, generator: torch.Generator | None = None) -> list:
+    def cross_generate(self, xs: list, # the conditioning tuple's modalities
+                       sources, # an int or a tuple of modality indices
+                       generator: torch.Generator | None = None, # the model's randomness (the refiner has its own)
+                      ) -> list:
         "The model's generations conditioned on `sources`, refined: M tensors `[B, ...]`."
-        return self._refine(self.model.cross_generate(xs, sources, generator=generator), generator)
+        return self._refine(self.model.cross_generate(xs, sources, generator=generator))
+
+# %% ../nbs/07b_claim3.ipynb #1ff8d362
+def _mosaic(rows: list, gap: int = 1) -> np.ndarray:
+    "Rows of images (each `[N, C, H, W]` in [0, 1]) as one `[H', W', C]` array with white gaps."
+    N, (C, H, W) = max(len(r) for r in rows), rows[0].shape[1:]
+    out = np.ones((len(rows) * (H + gap) - gap, N * (W + gap) - gap, C), dtype=np.float32)
+    for i, r in enumerate(rows):
+        for j, x in enumerate(r):
+            out[i * (H + gap):i * (H + gap) + H, j * (W + gap):j * (W + gap) + W] = x.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+    return out
+
+
+def side_by_side(plain: list, # rows of CMVAE images, each `[N, C, H, W]` in [0, 1]
+                 refined: list, # the same rows refined
+                 row_names: list, # one name per row
+                 titles: tuple = ('CMVAE', 'CMVAE + refiner'), # the two panels' titles
+                 scale: float = 0.55, # inches per image
+                ):
+    "A figure with the plain images (left panel) and the refined ones (right panel), row for row."
+    import matplotlib.pyplot as plt
+    if len(plain) != len(refined) or len(plain) != len(row_names) or not plain:
+        raise ValueError(f'side_by_side: {len(plain)} plain rows, {len(refined)} refined rows and {len(row_names)} names; expected as many, at least one')
+    if any(p.shape != r.shape for p, r in zip(plain, refined)): raise ValueError('side_by_side: a refined row differs in shape from its plain row')
+    N, (C, H, W) = max(len(r) for r in plain), plain[0].shape[1:]
+    fig, axes = plt.subplots(1, 2, figsize=(2 * N * scale + 1.2, len(plain) * scale * H / W + 0.5), squeeze=False)
+    for ax, rows, title in zip(axes[0], (plain, refined), titles):
+        ax.imshow(_mosaic(rows)); ax.set_title(title, fontsize=9); ax.set_xticks([])
+        ax.set_yticks([i * (H + 1) + H / 2 for i in range(len(rows))])
+        ax.set_yticklabels(row_names if ax is axes[0, 0] else [], fontsize=8)
+        ax.tick_params(length=0)
+    fig.tight_layout(pad=0.3)
+    return fig
 
 # %% ../nbs/07b_claim3.ipynb #bf21c5f9
+def generation_summary(res: dict, # what `evaluate_generation` returned
+                      ) -> dict: # fd_unconditional, fd_conditional, coherence_unconditional, coherence_conditional (those measured)
+    "The four headline numbers of an `evaluate_generation` result."
+    g, c, out = res['generation'], res['coherence'], {}
+    if g.get('unconditional'): out['fd_unconditional'] = g['unconditional']['mean']['value']
+    if g.get('conditional'): out['fd_conditional'] = g['conditional']['mean']['value']
+    if c.get('unconditional'): out['coherence_unconditional'] = c['unconditional']['value']
+    if c.get('conditional'): out['coherence_conditional'] = c['conditional']['headline']
+    return out
+
+
+def test_subset(test: MultimodalDataset, n: int, seed: int = 0) -> MultimodalDataset:
+    "`n` tuples of `test` drawn with `seed` (in their original order): the conditioning tuples of a comparison."
+    return test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n].sort().values)
+
+
+def _comparison_figure(model, refined_model, test, seed: int):
+    "Per image modality: unconditional samples and cross-modal generations (one tuple per digit), plain and refined."
+    images = [m for m, lik in enumerate(model.likelihoods) if lik.kind == 'image']
+    idx = one_per_class(test.labels, int(test.labels.max()) + 1)
+    xs = [x.to(model_device(model)) for x in test.batch(idx)]
+    plain, refined, names = [], [], []
+    for m in images:
+        s = (m + 1) % model.n_modalities
+        gens = {}
+        for name, mdl in (('plain', model), ('refined', refined_model)):
+            g = torch.Generator(device=model_device(model)).manual_seed(seed)
+            gens[name] = (mdl.generate(len(idx), generator=g)[m], mdl.cross_generate(xs, s, generator=g)[m])
+        plain += [gens['plain'][0], gens['plain'][1]]; refined += [gens['refined'][0], gens['refined'][1]]
+        names += [f'm{m} unconditional', f'm{m} from m{s}']
+    return side_by_side([p.cpu().clamp(0, 1) for p in plain], [r.cpu() for r in refined], names)
+
+
 def claim3_comparison(model: nn.Module, # a trained CMVAE (eval mode)
                       splits: dict, # 'train', 'val', 'test' MultimodalDatasets
                       cfg: DDPMConfig, # the refiner's configuration
-                      out_dir: str | Path | None = None, # refiner run folder (checkpoint, pairs, log)
+                      out_dir: str | Path | None = None, # refiner run folder (checkpoint, pairs, log, curve)
                       classifiers: list | None = None, # coherence classifiers (PolyMNIST); None: FD only if `fid_weights`
                       n_eval: int = 200, # test tuples for conditional metrics, and unconditional samples
-                      sample_steps: int = 50, # DDIM steps when refining
+                      sample_steps: int = 50, # reverse steps over the whole chain when refining
+                      scheduler: str = 'ddim', # 'ddim' or 'ddpm'
+                      strength: float = 1.0, # where refinement starts (see `cmvae.ddpm.refine`)
+                      curve_every: int | None = None, # refiner steps between scored points of the training curve (None: no curve)
+                      n_curve: int = 100, # test tuples (and unconditional samples) per curve point
                       fid_weights: str | None = None,
                       seed: int = 0,
                       progress: bool = False,
-                     ) -> dict: # summary (flat numbers), plain, refined (full metrics), settings, figure
-    "Train a refiner on `model`, then measure plain and refined generations with the same metrics."
-    t0 = time.time()
-    refiner, rows = train_refiner(model, splits['train'], cfg, out_dir, val_data=splits['val'], progress=progress)
+                     ) -> dict: # summary, plain, refined, settings, curve, log, figure
+    "Train a refiner on `model` (scoring it along the way), then measure plain and refined generations with the same metrics."
+    if curve_every is not None and (not isinstance(curve_every, int) or curve_every < 1):
+        raise ValueError(f'curve_every: must be None or an integer >= 1, got {curve_every!r}')
+    kw = dict(fid_weights=fid_weights, subsets='single', generator=seed, progress=progress)
+    sampling = dict(steps=sample_steps, scheduler=scheduler, strength=strength, seed=seed)
+    stops = sorted({*range(curve_every, cfg.steps, curve_every), cfg.steps}) if curve_every else [cfg.steps]
+    curve_file = Path(out_dir) / 'curve.json' if out_dir else None
+    curve = json.loads(curve_file.read_text()) if curve_file is not None and curve_file.exists() else []
+    scored_as = dict(n_curve=n_curve, **{f'sample_{k}': v for k, v in sampling.items()})   # a point scored otherwise is stale
+    curve = [p for p in curve if all(p.get(k) == v for k, v in scored_as.items())]
+    curve_test = test_subset(splits['test'], n_curve, seed)
+
+    def score(m, data, n):
+        t = time.time()
+        return dict(**generation_summary(evaluate_generation(m, data, classifiers, n_uncond=n, **kw)), eval_seconds=time.time() - t)
+
+    if curve_every and not any(p['step'] == 0 for p in curve):
+        curve.append(dict(step=0, model='CMVAE', **scored_as, **score(model, curve_test, n_curve)))
+    for stop in stops:
+        refiner, rows = train_refiner(model, splits['train'], cfg, out_dir, val_data=splits['val'], progress=progress,
+                                      stop_after_step=stop)
+        if curve_every and rows and int(rows[-1]['step']) == stop and not any(p['step'] == stop for p in curve):
+            curve.append(dict(step=stop, model='refined', loss=rows[-1]['loss'], val_loss=rows[-1]['val_loss'], **scored_as,
+                              **score(RefinedModel(model, refiner.eval(), **sampling), curve_test, n_curve)))
+        if curve_file is not None: curve_file.write_text(json.dumps(sorted(curve, key=lambda p: p['step']), indent=1))
     refiner.eval()
-    train_seconds = time.time() - t0
-    test = splits['test']
-    test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n_eval].sort().values)
-    refined_model = RefinedModel(model, refiner, sample_steps)
-    kw = dict(n_uncond=n_eval, fid_weights=fid_weights, subsets='single', generator=seed, progress=progress)
+    test = test_subset(splits['test'], n_eval, seed)
+    refined_model = RefinedModel(model, refiner, **sampling)
     t1 = time.time()
-    plain = evaluate_generation(model, test, classifiers, **kw)
-    refined = evaluate_generation(refined_model, test, classifiers, **kw)
-    summary = {}
-    for name, res in (('vae', plain), ('refined', refined)):
-        g, c = res['generation'], res['coherence']
-        if g.get('unconditional'): summary[f'fd_unconditional_{name}'] = g['unconditional']['mean']['value']
-        if g.get('conditional'): summary[f'fd_conditional_{name}'] = g['conditional']['mean']['value']
-        if c.get('unconditional'): summary[f'coherence_unconditional_{name}'] = c['unconditional']['value']
-        if c.get('conditional'): summary[f'coherence_conditional_{name}'] = c['conditional']['headline']
-    # a picture: the same unconditional samples, plain and refined
-    with torch.no_grad():
-        plain_u = model.generate(8, generator=torch.Generator().manual_seed(seed))
-        ref_u = refined_model.generate(8, generator=torch.Generator().manual_seed(seed))
-    images = [m for m, lik in enumerate(model.likelihoods) if lik.kind == 'image'][:2]
-    rows_ = [plain_u[m] for m in images] + [ref_u[m] for m in images]
-    fig = show_tuples(torch.stack([r.detach().cpu().clamp(0, 1) for r in rows_]),
-                      row_names=[f'm{m} CMVAE' for m in images] + [f'm{m} +DDPM' for m in images], scale=0.8)
-    return dict(summary=summary, plain=plain, refined=refined, figure=fig,
-                settings=dict(ddpm=cfg.to_dict(), n_eval=n_eval, sample_steps=sample_steps, scheduler='ddim',
-                              train_seconds=train_seconds, eval_seconds=time.time() - t1,
+    plain = evaluate_generation(model, test, classifiers, n_uncond=n_eval, **kw)
+    refined = evaluate_generation(refined_model, test, classifiers, n_uncond=n_eval, **kw)
+    eval_seconds = time.time() - t1
+    summary = {f'{k}_{name}': v for name, res in (('vae', plain), ('refined', refined)) for k, v in generation_summary(res).items()}
+    with torch.no_grad(): fig = _comparison_figure(model, refined_model, splits['test'], seed)
+    return dict(summary=summary, plain=plain, refined=refined, figure=fig, curve=sorted(curve, key=lambda p: p['step']),
+                log=[{k: r[k] for k in ('step', 'loss', 'val_loss', 'seconds')} for r in rows],
+                settings=dict(ddpm=cfg.to_dict(), n_parameters=n_parameters(refiner), n_eval=n_eval, n_curve=n_curve,
+                              curve_every=curve_every, sample_steps=sample_steps, scheduler=scheduler, strength=strength,
+                              train_seconds=sum(r['seconds'] for r in rows), eval_seconds=eval_seconds,
+                              curve_eval_seconds=sum(p['eval_seconds'] for p in curve),
                               final_val_loss=rows[-1].get('val_loss') if rows else None,
                               fd_kind=plain['generation'].get('fd_kind')))
+
+# %% ../nbs/07b_claim3.ipynb #a0407b7d
+def _describe(changes: dict) -> str:
+    return ', '.join(f'{k} {tuple(v) if isinstance(v, list) else v}' for k, v in changes.items()) or 'reference'
+
+
+def design_table(rows: list, # rows of `bench/ddpm_design.json`; the one with variant 'CMVAE' is the plain model
+                 settings: list | None = None, # the refined rows to show (default: every refined row), in this order
+                ) -> str: # a markdown table
+    "Refined settings against the plain CMVAE: clf-FD and coherence with their change from plain, and the cost."
+    plain = [r for r in rows if r['variant'] == 'CMVAE']
+    if len(plain) != 1: raise ValueError(f'design_table: expected one plain CMVAE row, found {len(plain)}')
+    plain = plain[0]
+    keys = ('fd_unconditional', 'fd_conditional', 'coherence_unconditional', 'coherence_conditional')
+    lines = ['| setting | steps | weights | sampling | uncond. clf-FD | cond. clf-FD | uncond. coherence | cond. coherence | parameters | s/step | train min |',
+             '|---|---|---|---|---|---|---|---|---|---|---|',
+             '| CMVAE alone | | | | ' + ' | '.join(f'{plain[k]:.1f}' if k.startswith('fd') else f'{plain[k]:.3f}' for k in keys) + ' | | | |']
+    for r in (settings if settings is not None else [r for r in rows if r['variant'] != 'CMVAE']):
+        cells = [f'{r[k]:.1f} ({r[k] - plain[k]:+.1f})' if k.startswith('fd') else f'{r[k]:.3f} ({r[k] - plain[k]:+.3f})' for k in keys]
+        sampling = f"{r['scheduler'].upper()} {r['sample_steps']}, strength {r['strength']:g}"
+        lines.append(f"| {r['variant']}: {_describe(r.get('changes', {}))} | {r['step']} | {r['weights']} | {sampling} | "
+                     + ' | '.join(cells) + f" | {r['n_parameters'] / 1e6:.2f} M | {r['seconds_per_step']:.2f} | {r['train_seconds'] / 60:.0f} |")
+    return '\n'.join(lines) + '\n'
+
+
+def design_rows(rows: list, **match) -> list:
+    "The rows of `bench/ddpm_design.json` whose fields equal `match` (e.g. `variant='reference', step=1500`)."
+    return [r for r in rows if all(r.get(k) == v for k, v in match.items())]

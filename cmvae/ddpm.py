@@ -44,6 +44,8 @@ class DDPMConfig(ConfigMixin):
     steps: int = 300                       # optimisation steps
     ema_decay: float | None = 0.999        # None: no EMA
     grad_clip: float | None = 1.0          # max gradient norm (None: no clipping)
+    max_strength: float = 1.0              # train on timesteps t < max_strength·T only (a refiner that starts from x̂ noised to strength <= this)
+    condition: bool = True                 # give the UNet the CMVAE image x̂ (False: zeros, an unconditional DDPM that only SDEdit ties to x̂)
     hflip: bool = False                    # random horizontal flips of (x_vae, x_real) together
     sources: str = 'mixed'                 # conditioning images: 'self', 'cross' or 'mixed' (see above)
     pair_repeats: int = 1                  # CMVAE outputs drawn per real image
@@ -90,13 +92,19 @@ class DDPMConfig(ConfigMixin):
             bad('ema_decay', 'must be None or lie in (0, 1)')
         if self.grad_clip is not None and (not is_num(self.grad_clip) or not 0 < self.grad_clip < math.inf):
             bad('grad_clip', 'must be None or a finite number > 0')
+        if not is_num(self.max_strength) or not 0 < self.max_strength <= 1: bad('max_strength', 'must lie in (0, 1]')
         if self.sources not in SOURCES: bad('sources', f'must be one of {SOURCES}')
         if self.modalities is not None and (not isinstance(self.modalities, tuple) or not self.modalities or
                                             not all(is_int(m) and m >= 0 for m in self.modalities) or
                                             len(set(self.modalities)) != len(self.modalities)):
             bad('modalities', 'must be None or a non-empty tuple of distinct modality indices')
-        self.check_run_fields(('hflip', 'channels_last', 'resume'))
+        self.check_run_fields(('hflip', 'condition', 'channels_last', 'resume'))
         return self
+
+    @property
+    def train_timesteps(self) -> int:
+        "Training draws t uniformly from 0 .. train_timesteps − 1: round(max_strength·T), at least 1."
+        return max(1, round(self.max_strength * self.timesteps))
 
     @classmethod
     def diffusevae(cls, **changes):
@@ -127,6 +135,7 @@ class Refiner(nn.Module):
         f = 2 ** (levels - 1)
         self.pad = ((-H) % f, (-W) % f)                      # bottom, right
         self.image_shape, self.modalities = (C, H, W), modalities
+        self.condition, self.max_strength, self.train_timesteps = bool(cfg.condition), float(cfg.max_strength), cfg.train_timesteps
         self.schedule = dict(num_train_timesteps=cfg.timesteps, beta_start=float(cfg.beta_start),
                              beta_end=float(cfg.beta_end), beta_schedule='linear')
         self.unet = UNet2DModel(
@@ -142,6 +151,7 @@ class Refiner(nn.Module):
                 x_vae: torch.Tensor, # conditioning CMVAE images `[B, C, H, W]` in [-1, 1]
                 labels: torch.Tensor | None = None, # embedding indices `[B]` (None for a one-modality refiner)
                ) -> torch.Tensor: # predicted noise `[B, C, H, W]`
+        if not self.condition: x_vae = torch.zeros_like(x_vae)          # an unconditional refiner ignores x̂
         h = torch.cat([x_t, x_vae], 1)
         if any(self.pad): h = F.pad(h, (0, self.pad[1], 0, self.pad[0]))
         out = self.unet(h, t, class_labels=labels).sample
@@ -215,7 +225,7 @@ def refine(refiner: Refiner, # a trained refiner
            batch_size: int = 256, # images per reverse pass
            device=None, # where to compute (default: the refiner's device; the refiner is moved there)
            eta: float = 0.0, # DDIM stochasticity (ignored by DDPM)
-           strength: float = 1.0, # 1: start from pure noise (DiffuseVAE); < 1: from x̂ noised to t = strength·T (SDEdit-style)
+           strength: float = 1.0, # 1: start from pure noise (DiffuseVAE); < 1: from x̂ noised to t = strength·T (SDEdit-style); at most the refiner's max_strength
            precision: str = 'fp32', # 'fp32' or 'bf16' autocast
            progress: bool = True,
           ) -> torch.Tensor: # refined images in [0, 1], float32, same shape and device as `x_vae`
@@ -226,6 +236,9 @@ def refine(refiner: Refiner, # a trained refiner
     if not is_int(batch_size) or batch_size < 1: raise ValueError(f'batch_size: must be an integer >= 1, got {batch_size!r}')
     if precision not in PRECISIONS: raise ValueError(f'precision: must be one of {PRECISIONS}, got {precision!r}')
     if not is_num(strength) or not 0 < strength <= 1: raise ValueError(f'strength: must lie in (0, 1], got {strength!r}')
+    if strength > refiner.max_strength + 1e-9:
+        raise ValueError(f'strength: {strength} exceeds max_strength {refiner.max_strength}: this refiner was trained on '
+                         f't < {refiner.train_timesteps} only and has never denoised the larger t')
     dev = torch.device(device) if device is not None else model_device(refiner)
     refiner.to(dev)
     T = refiner.schedule['num_train_timesteps']

@@ -141,12 +141,11 @@ def make_pairs(model: nn.Module, # a trained CMVAE (anything with `cross_generat
 @torch.no_grad()
 def eval_loss(refiner: Refiner, pairs: Pairs, n: int | None = 256, # the first n pairs (None: all)
               seed: int = 0, batch_size: int = 256, precision: str = 'fp32') -> float:
-    "Mean ε-prediction loss on fixed pairs, timesteps and noise (all drawn from `seed`), in eval mode."
+    "Mean ε-prediction loss on fixed pairs, timesteps (in the refiner's training range) and noise (all drawn from `seed`), in eval mode."
     device = model_device(refiner)
     pairs = pairs.subset(torch.arange(min(n or len(pairs), len(pairs))))
     g = torch.Generator().manual_seed(seed)
-    T = refiner.schedule['num_train_timesteps']
-    t_all = torch.randint(0, T, (len(pairs),), generator=g)
+    t_all = torch.randint(0, refiner.train_timesteps, (len(pairs),), generator=g)
     noise_all = torch.randn((len(pairs), *pairs.image_shape), generator=g)
     schedule, was_training = noise_scheduler(refiner), refiner.training
     refiner.eval()
@@ -199,7 +198,7 @@ def fit_ddpm(cfg: DDPMConfig, # the run's configuration
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, _Warmup(cfg.warmup_steps))
     ema = EMAModel(refiner.parameters(), decay=cfg.ema_decay) if cfg.ema_decay else None
     pairs = data.to(device)
-    N, B, T = len(pairs), min(cfg.batch_size, len(pairs)), cfg.timesteps
+    N, B, T = len(pairs), min(cfg.batch_size, len(pairs)), cfg.train_timesteps   # t ~ U{0..T-1}: below max_strength·T
     all_labels = refiner.labels(pairs.modality, N, device)               # checked once: no host sync per step
     per_epoch = N // B
     schedule = noise_scheduler(refiner)
@@ -232,10 +231,11 @@ def fit_ddpm(cfg: DDPMConfig, # the run's configuration
         bar.update(1)
 
     def step_row(step):
-        nonlocal loss_sum, n_sum
+        nonlocal loss_sum, n_sum, t0
         row = dict(step=step, loss=float(loss_sum) / n_sum, lr=optimizer.param_groups[0]['lr'],
                    val_loss=eval_loss(_ema_refiner(refiner, ema), val_pairs, None, precision=cfg.precision)
-                   if val_pairs is not None else float('nan'), seconds=time.time() - t0)
+                   if val_pairs is not None else float('nan'), seconds=time.time() - t0)   # since the previous row
+        t0 = time.time()
         loss_sum, n_sum = torch.zeros((), device=device), 0
         return row
 

@@ -334,14 +334,19 @@ def metric_by_beta_figure(groups: dict, # `aggregate`'s groups
 # %% ../nbs/10b_tables.ipynb #c696f724
 def ddpm_figures(runs: list, # metrics.json dicts with their `path`
                 ) -> str: # markdown
-    "Markdown showing, for every run with a DDPM refiner, its saved grid of plain and refined samples (paths relative to `book/`)."
+    "Markdown showing, for every run with a DDPM refiner, its saved plain and refined samples and, when saved, its training curve (paths relative to `book/`)."
     parts = []
     for m in runs:
         png = Path(m['path']).with_name(f'{m["run_id"]}.ddpm_samples.png')
         if not png.exists(): continue
         rel = png.relative_to(png.parents[2])   # runs/<grid>/<file>
-        parts.append(f'**{m["grid"]} / {m["run_id"]}**: the same unconditional CMVAE samples, plain (top rows) and refined '
-                     f'by the DDPM (bottom rows).\n\n```{{image}} {rel.as_posix()}\n:width: 60%\n```\n')
+        parts.append(f'**{m["grid"]} / {m["run_id"]}**: CMVAE generations, plain (left) and the same generations refined by '
+                     f'the DDPM (right), row for row: per image modality, unconditional samples and cross-modal generations '
+                     f'from the next modality (one test tuple per digit, 0 to 9).\n\n```{{image}} {rel.as_posix()}\n:width: 90%\n```\n')
+        curve = png.with_name(f'{m["run_id"]}.ddpm_curve.png')
+        if curve.exists():
+            parts.append(f'The refiner\'s training: its loss, and the FD and coherence of its refined samples at a few points of '
+                         f'training (dotted: the plain CMVAE on the same tuples).\n\n```{{image}} {curve.relative_to(png.parents[2]).as_posix()}\n:width: 90%\n```\n')
     return '\n'.join(parts) or '*No run with a DDPM refiner yet.*\n'
 
 

@@ -72,7 +72,12 @@ class CMVAEConfig(ConfigMixin):
     fid_weights: str | None = None     # pt_inception-2015-12-05-6726825d.pth for FID; without it: clf-FD
     ddpm: bool = False                 # train the DDPM refiner and compare plain vs refined samples (Claim 3)
     ddpm_train_steps: int = 1500       # optimiser steps of the refiner
-    ddpm_sample_steps: int = 50        # DDIM steps when refining
+    ddpm_sample_steps: int = 50        # reverse steps over the whole chain when refining (about ddpm_strength·steps of them run)
+    ddpm_strength: float = 1.0         # refinement starts from x̂ noised to strength·T (1: pure noise, as DiffuseVAE); cmvae.ddpm.refine
+    ddpm_scheduler: str = 'ddim'       # reverse process when refining: 'ddim' or 'ddpm'
+    ddpm_n_eval: int = 200             # test tuples (and unconditional samples) of the plain vs refined comparison
+    ddpm_curve_every: int | None = None  # refiner steps between scored points of its training curve (None: no curve)
+    ddpm_options: dict | None = None   # further DDPMConfig fields of the refiner (UNet size, ema_decay, max_strength, lr, ...)
 
     def __post_init__(self): self.validate()
 
@@ -101,12 +106,33 @@ class CMVAEConfig(ConfigMixin):
         for name in ('prune', 'ddpm'):
             if not isinstance(getattr(self, name), bool): bad(name, 'must be true or false')
         if self.prune_method not in ('cached', 'reencode', 'original'): bad('prune_method', "must be 'cached', 'reencode' or 'original'")
-        for name in ('n_generate', 'ddpm_train_steps', 'ddpm_sample_steps'):
+        for name in ('n_generate', 'ddpm_train_steps', 'ddpm_sample_steps', 'ddpm_n_eval'):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1: bad(name, 'must be an integer >= 1')
+        if not is_num(self.ddpm_strength) or not 0 < self.ddpm_strength <= 1: bad('ddpm_strength', 'must lie in (0, 1]')
+        if self.ddpm_scheduler not in ('ddim', 'ddpm'): bad('ddpm_scheduler', "must be 'ddim' or 'ddpm'")
+        if self.ddpm_curve_every is not None and (not is_int(self.ddpm_curve_every) or self.ddpm_curve_every < 1):
+            bad('ddpm_curve_every', 'must be None or an integer >= 1')
+        if self.ddpm_options is not None: self.ddpm_config()          # DDPMConfig validates the options
         if self.coherence_subsets not in ('single', 'all'): bad('coherence_subsets', "must be 'single' or 'all'")
         if self.fid_weights is not None and not Path(self.fid_weights).expanduser().is_file():
             bad('fid_weights', 'must be None or the path of an existing Inception weights file')
         return self
+
+    def ddpm_config(self, device: str | None = None, # the refiner's device (default: the run's)
+                   ) -> 'DDPMConfig':
+        "The refiner's `DDPMConfig`: `ddpm_options`, with steps, seed and threads from the run, and `max_strength` = `ddpm_strength` unless the options set it."
+        from cmvae.ddpm import DDPMConfig          # imported here: diffusers loads only for runs with a refiner
+        if not isinstance(self.ddpm_options or {}, dict): self.bad('ddpm_options', 'must be None or a mapping of DDPMConfig fields')
+        options = dict(self.ddpm_options or {})
+        owned = sorted(set(options) & {'steps', 'seed', 'device', 'threads'})
+        if owned: self.bad('ddpm_options', f'must not set {owned}: they come from ddpm_train_steps and the run\'s seed, device and threads')
+        options.setdefault('max_strength', self.ddpm_strength)
+        try: cfg = DDPMConfig.from_dict(options, 'CMVAEConfig.ddpm_options')
+        except ValueError as e: raise ValueError(str(e) if str(e).startswith('CMVAEConfig') else f'CMVAEConfig.ddpm_options: {e}') from None
+        cfg = cfg.replace(steps=self.ddpm_train_steps, seed=self.seed, threads=self.threads, device=device or self.device)
+        if self.ddpm_strength > cfg.max_strength:
+            self.bad('ddpm_strength', f'must not exceed the refiner\'s max_strength {cfg.max_strength} (ddpm_options)')
+        return cfg
 
     @classmethod
     def paper(cls, dataset: str = 'polymnist', # 'polymnist', 'cubicc' or 'captioned'
@@ -120,7 +146,8 @@ class CMVAEConfig(ConfigMixin):
         return base.replace(**changes)
 
 
-EVAL_FIELDS = ('prune', 'prune_method', 'n_generate', 'coherence_subsets', 'fid_weights', 'ddpm', 'ddpm_train_steps', 'ddpm_sample_steps')
+EVAL_FIELDS = ('prune', 'prune_method', 'n_generate', 'coherence_subsets', 'fid_weights', 'ddpm', 'ddpm_train_steps', 'ddpm_sample_steps',
+               'ddpm_strength', 'ddpm_scheduler', 'ddpm_n_eval', 'ddpm_curve_every', 'ddpm_options')
 RESUMABLE_CHANGES = ('epochs', 'resume', 'device', 'threads', 'compile', 'checkpoint_every', 'micro_batch', *EVAL_FIELDS)
 
 # %% ../nbs/04_train.ipynb #bb9ccfa0

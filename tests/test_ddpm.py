@@ -193,6 +193,33 @@ def test_resume_is_bit_identical(tmp_path):
         fit_ddpm(cfg, smooth_pairs(40, seed=1), tmp_path / 'a', progress=False)
 
 
+def test_max_strength_limits_the_training_timesteps(monkeypatch):
+    "With max_strength 0.25, training (and eval_loss) only ever draws t < 250; the default draws from the whole chain."
+    seen = []
+    forward = Refiner.forward
+
+    def spy(self, x_t, t, x_vae, labels=None):
+        seen.append(t.clone()); return forward(self, x_t, t, x_vae, labels)
+    monkeypatch.setattr(Refiner, 'forward', spy)
+    pairs = smooth_pairs(64)
+    fit_ddpm(DDPMConfig(**TINY, steps=30, max_strength=0.25), pairs, progress=False)
+    low = torch.cat(seen)
+    assert int(low.max()) < 250 and int(low.max()) > 150                      # the whole range below 250 is used
+    seen.clear()
+    fit_ddpm(DDPMConfig(**TINY, steps=30), pairs, progress=False)
+    assert int(torch.cat(seen).max()) > 500
+
+
+def test_unconditional_refiner_ignores_the_cmvae_image():
+    r = Refiner(DDPMConfig(**TINY, condition=False), SHAPE, (0, 1)).eval()
+    x, t, lab = torch.randn(4, *SHAPE), torch.full((4,), 100), r.labels(0, 4)
+    with torch.no_grad():
+        assert torch.equal(r(x, t, torch.zeros_like(x), lab), r(x, t, torch.rand_like(x), lab))
+    c = Refiner(DDPMConfig(**TINY), SHAPE, (0, 1)).eval()
+    with torch.no_grad():
+        assert not torch.equal(c(x, t, torch.zeros_like(x), lab), c(x, t, torch.rand_like(x), lab))
+
+
 @pytest.mark.parametrize('sync_every, log_every', [(1, 2), (5, 5)])   # (5, 5): only the check before saving sees it
 def test_nan_guard_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, sync_every, log_every):
     pairs = smooth_pairs(40)

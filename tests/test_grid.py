@@ -219,7 +219,8 @@ name: variants
 base: {n_modalities: 2, width: 0.0625, epochs: 1, n_train: 256, batch_size: 64, K: 1, n_clusters: 12, d_z: 8, d_w: 8,
        n_generate: 64, device: cpu, threads: 1}
 experiments:
-  - {base: {ddpm: true, ddpm_train_steps: 4, ddpm_sample_steps: 1, prune: false}, grid: {seed: [1]}}
+  - {base: {ddpm: true, ddpm_train_steps: 4, ddpm_sample_steps: 4, ddpm_strength: 0.5, ddpm_curve_every: 2, ddpm_n_eval: 32,
+             ddpm_options: {block_out_channels: [8, 16], norm_groups: 4, log_every: 2}, prune: false}, grid: {seed: [1]}}
   - {base: {model: mmvae_plus}, grid: {seed: [0]}}
   - {base: {model: cmc}, grid: {seed: [0]}}
   - {base: {dataset: captioned, data_dir: DATA, n_modalities: null, n_train: null, n_clusters: 8, batch_size: 32}, grid: {seed: [0]}}
@@ -254,8 +255,13 @@ def test_ddpm_run(variants):
     assert set(summary) == {f'{k}_{v}' for k in ('fd_unconditional', 'fd_conditional', 'coherence_unconditional',
                                                 'coherence_conditional') for v in ('vae', 'refined')}
     assert all(isinstance(v, float) for v in summary.values())
-    assert m['ddpm']['settings']['ddpm']['steps'] == 4 and m['ddpm']['settings']['sample_steps'] == 1
-    assert (root / 'book' / 'runs' / 'variants' / 'polymnist-beta2.5-seed1.ddpm_samples.png').exists()   # for the Claim 3 page
+    s = m['ddpm']['settings']
+    assert s['ddpm']['steps'] == 4 and s['sample_steps'] == 4 and s['strength'] == 0.5 and s['n_eval'] == 32
+    assert s['ddpm']['max_strength'] == 0.5 and s['ddpm']['block_out_channels'] == [8, 16]          # from ddpm_strength and ddpm_options
+    assert [(p['step'], p['model']) for p in m['ddpm']['curve']] == [(0, 'CMVAE'), (2, 'refined'), (4, 'refined')]
+    assert [r['step'] for r in m['ddpm']['log']] == [2, 4]
+    for png in ('ddpm_samples', 'ddpm_curve'):                                                          # for the Claim 3 page
+        assert (root / 'book' / 'runs' / 'variants' / f'polymnist-beta2.5-seed1.{png}.png').exists()
     assert 'pruning_curve' not in m['clustering'] and m['clustering']['selected_clusters'] == 12          # prune: false
 
 
