@@ -9,9 +9,7 @@ import functools
 import math
 import statistics
 
-import numpy as np
-
-from .results import group_key
+from .results import PAPER_SCALE, group_key
 
 # %% auto #0
 __all__ = ['LABEL_FREE', 'SHAPE_FIELDS', 'selected_pne', 'criterion_value', 'label_free_choice', 'label_free_table',
@@ -130,7 +128,7 @@ def baseline_markers(runs: list, # metrics.json dicts
 
 def paper_point(paper_yaml: str = 'parameters/paper.yaml', # the paper's grid file (PolyMNIST part)
                 nmi: float | None = None, # the paper's NMI at β = 1 (from `book/paper_numbers.yaml`)
-                kept: int = 10, n_train: int = 60000) -> dict:
+                kept: int = 10, n_train: int = PAPER_SCALE['polymnist']['n_train']) -> dict:
     "The paper's PolyMNIST β = 1 setting on the same axes (compute from its grid file, NMI from the paper)."
     from cmvae.grid import load_grid
     _, specs = load_grid(paper_yaml, check_data=False)
