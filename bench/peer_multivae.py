@@ -66,10 +66,14 @@ def ensure_peer_venv(verbose: bool = True) -> Path:
 
 # ------------------------------------------------------------------------------------------- MultiVae worker
 def multivae_step_time(batch: int = 128, K: int = 1, threads: int = 2, steps: int = 1, warmup: int = 1,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, tune_allocator: bool = False) -> dict:
     "Runs inside the peer venv: time MultiVae's CMVAE training step on the workload described above."
     import platform
     import torch
+    if tune_allocator:   # the same glibc malloc settings as ours (cmvae.config.tune_allocator), to separate their effect
+        sys.path.insert(0, str(ROOT))
+        from cmvae.config import tune_allocator as tune
+        if not tune(): raise RuntimeError('tune_allocator: glibc did not take the settings')
     from multivae.data.datasets.base import MultimodalBaseDataset
     from multivae.models import CMVAE, CMVAEConfig
     from multivae.models.nn.mmnist import DecoderResnetMMNIST, EncoderResnetMMNIST
@@ -105,7 +109,7 @@ def multivae_step_time(batch: int = 128, K: int = 1, threads: int = 2, steps: in
     if not torch.isfinite(loss): raise RuntimeError(f'MultiVae: non-finite loss {float(loss)}')
     med = statistics.median(times)
     import multivae
-    return dict(impl='multivae', version=getattr(multivae, '__version__', '1.0.3'), batch=batch, K=K, width=1.0,
+    return dict(impl='multivae', tune_allocator=tune_allocator, version=getattr(multivae, '__version__', '1.0.3'), batch=batch, K=K, width=1.0,
                 steps=steps, warmup=warmup, step_seconds=[round(t, 4) for t in times], median_step_s=med,
                 samples_per_s=batch / med, n_params=sum(p.numel() for p in params), threads=threads,
                 torch=torch.__version__, python=platform.python_version(), **load.record())
@@ -126,9 +130,10 @@ def ours_cmd(a, K: int, channels_last: bool) -> list:
            (['--micro-batch', str(a.micro_batch)] if a.micro_batch else [])
 
 
-def peer_cmd(a, K: int) -> list:
+def peer_cmd(a, K: int, tune_allocator: bool = False) -> list:
     return [str(PEER_PY), str(Path(__file__).resolve()), '--worker', '--batch', str(a.batch), '--K', str(K),
-            '--threads', str(a.threads), '--steps', str(a.steps), '--warmup', str(a.warmup)]
+            '--threads', str(a.threads), '--steps', str(a.steps), '--warmup', str(a.warmup)] + \
+           (['--peer-tuned-allocator'] if tune_allocator else [])
 
 
 def compare(a) -> list:
@@ -139,16 +144,17 @@ def compare(a) -> list:
           f"load {info['loadavg']}  (a run is INVALID above load {hygiene.max_load():.1f})", flush=True)
     print(f'workload: PolyMNIST width 1, batch {a.batch}, D_z=D_w=32, 40 clusters, Laplace, IWAE, '
           f'{a.warmup} warm-up + {a.steps} timed step(s) per run', flush=True)
-    variants = [('ours', True)] + ([('ours', False)] if a.both_layouts else [])
+    variants = [('ours', True)] + ([('ours', False)] if a.both_layouts else []) + \
+               ([('multivae', 'tuned')] if a.peer_tuned_allocator else [])
     results = []
     for K in a.K:
         for r in range(a.rounds):
             order = [('multivae', None)] + [(n, cl) for n, cl in variants]
             if r % 2 == 0: order = order[1:] + order[:1]
             for name, cl in order:
-                cmd = peer_cmd(a, K) if name == 'multivae' else ours_cmd(a, K, cl)
+                cmd = peer_cmd(a, K, cl == 'tuned') if name == 'multivae' else ours_cmd(a, K, cl)
                 res = _run_json(cmd, a.timeout)
-                res['label'] = name if cl is None else f'ours (channels_last={cl})'
+                res['label'] = {None: name, 'tuned': 'multivae (allocator tuned)'}.get(cl, f'ours (channels_last={cl})')
                 res['round'] = r
                 results.append(res)
                 print(f"K={K:<3d} round {r}  {res['label']:<28s} {res['samples_per_s']:8.3f} samples/s   "
@@ -162,7 +168,7 @@ def compare(a) -> list:
                 print(f'K={K}: {l}: NOT A MEASUREMENT ({n_ours} and {n_peer} valid rounds; {hygiene.MIN_ROUNDS} needed)', flush=True)
             else:
                 print(f'K={K}: {l}: median {ours:.3f} samples/s ({n_ours} valid rounds) vs MultiVae {peer:.3f} ({n_peer})  ->  '
-                      f'ratio ours/MultiVae {ours / peer:.2f}x', flush=True)
+                      f'ratio {l} / MultiVae {ours / peer:.2f}x', flush=True)
     print(f"load at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return results
 
@@ -177,12 +183,14 @@ def main(argv=None):
     p.add_argument('--rounds', type=int, default=3, help='alternating runs per implementation and K')
     p.add_argument('--micro-batch', type=int, default=None, help='ours: micro-batches of this many tuples (the peer has none)')
     p.add_argument('--both-layouts', action='store_true', help='also time ours with --no-channels-last')
+    p.add_argument('--peer-tuned-allocator', action='store_true',
+                   help="also time MultiVae with our glibc malloc settings (cmvae.config.tune_allocator), as 'multivae (allocator tuned)'")
     p.add_argument('--timeout', type=float, default=3600, help='seconds per subprocess')
     p.add_argument('--json-out', default=None, help='write all results to this JSON file')
     p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        print(json.dumps(multivae_step_time(a.batch, a.K[0], a.threads, a.steps, a.warmup)))
+        print(json.dumps(multivae_step_time(a.batch, a.K[0], a.threads, a.steps, a.warmup, tune_allocator=a.peer_tuned_allocator)))
         return
     results = compare(a)
     if a.json_out: Path(a.json_out).write_text(json.dumps(results, indent=1))

@@ -41,6 +41,8 @@ def _step_function(M: int, width: float, batch: int, K: int, clusters: int, lr: 
     "The training step of whichever cmvae is on the path (current or baseline API), its model and inputs."
     import torch
     import cmvae.train as T
+    import cmvae.config as C
+    if hasattr(C, 'tune_allocator'): C.tune_allocator()   # as that tree's `fit` does on the CPU
     cfg = T.CMVAEConfig(dataset='polymnist', n_modalities=M, width=width, K=K, batch_size=batch, n_clusters=clusters,
                         lr=lr, threads=None, device='cpu', seed=seed)
     torch.manual_seed(seed)

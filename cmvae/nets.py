@@ -10,9 +10,10 @@ from torch import nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['scaled', 'ResBlock', 'count_parameters', 'flat_call', 'PolyMNISTTower', 'TwoTowerEncoder', 'polymnist_encoder',
-           'PolyMNISTDecoder', 'CUBImageTower', 'cub_image_encoder', 'CUBImageDecoder', 'CaptionEncoder',
-           'CaptionDecoder', 'DigitClassifier', 'build_networks', 'FixedEncoder', 'LinearDecoder']
+__all__ = ['scaled', 'ResBlock', 'count_parameters', 'flat_call', 'upsample_kernels', 'interleave_phases', 'conv3x3_upsampled',
+           'UpsamplingSequential', 'PolyMNISTTower', 'TwoTowerEncoder', 'polymnist_encoder', 'PolyMNISTDecoder',
+           'CUBImageTower', 'cub_image_encoder', 'CUBImageDecoder', 'CaptionEncoder', 'CaptionDecoder',
+           'DigitClassifier', 'build_networks', 'FixedEncoder', 'LinearDecoder']
 
 # %% ../nbs/01_nets.ipynb #aa7594a8
 def scaled(channels: int, # the paper's channel count
@@ -35,7 +36,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x):
         dx = self.conv_1(F.leaky_relu(self.conv_0(F.leaky_relu(x, 0.2)), 0.2))
-        return self.shortcut(x) + 0.1 * dx
+        return torch.add(self.shortcut(x), dx, alpha=0.1)   # one pass: S(x) + 0.1·dx
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False, # count only the parameters with `requires_grad`
@@ -52,6 +53,81 @@ def flat_call(fn, # a module or function of a batch `[N, *event]`
     lead = x.shape[:x.dim() - n_event]
     y = fn(x.reshape(-1, *x.shape[x.dim() - n_event:]))
     return y.reshape(*lead, *y.shape[1:])
+
+# %% ../nbs/01_nets.ipynb #3e7d0b1b
+from fastcore.basics import patch
+
+
+def upsample_kernels(weight: torch.Tensor, # a 3×3 kernel `[O, I, 3, 3]`
+                    ) -> torch.Tensor: # the four phase kernels `[4·O, I, 2, 2]`, phases (0,0), (0,1), (1,0), (1,1)
+    "The 2×2 kernels that a 3×3 convolution applies to the small input of a ×2 nearest upsample, one per output phase."
+    k0, k1, k2 = weight.unbind(2)                                           # rows
+    rows = (torch.stack([k0, k1 + k2], 2), torch.stack([k0 + k1, k2], 2))   # phase a = 0, 1: [O, I, 2, 3]
+    phases = []
+    for r in rows:
+        c0, c1, c2 = r.unbind(3)                                            # columns
+        phases += [torch.stack([c0, c1 + c2], 3), torch.stack([c0 + c1, c2], 3)]
+    return torch.cat(phases, 0)
+
+
+class _Interleave(torch.autograd.Function):
+    "Phase outputs `[B, 4·O, H+1, W+1]` -> the fine grid `[B, O, 2H, 2W]` (see `interleave_phases`)."
+    @staticmethod
+    def forward(ctx, y):
+        B, C, H1, W1 = y.shape
+        O, H, W = C // 4, H1 - 1, W1 - 1
+        fmt = torch.channels_last if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous() else torch.contiguous_format
+        out = torch.empty(B, O, 2 * H, 2 * W, dtype=y.dtype, device=y.device, memory_format=fmt)
+        src, dst = y.view(B, 2, 2, O, H1, W1), out.view(B, O, H, 2, W, 2)
+        for a in (0, 1):
+            for c in (0, 1): dst[:, :, :, a, :, c].copy_(src[:, a, c, :, a:a + H, c:c + W])
+        ctx.fmt, ctx.shape = fmt, y.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        B, C, H1, W1 = ctx.shape
+        O, H, W = C // 4, H1 - 1, W1 - 1
+        gy = torch.empty(ctx.shape, dtype=g.dtype, device=g.device, memory_format=ctx.fmt).zero_()
+        src, dst = g.reshape(B, O, H, 2, W, 2), gy.view(B, 2, 2, O, H1, W1)
+        for a in (0, 1):
+            for c in (0, 1): dst[:, a, c, :, a:a + H, c:c + W].copy_(src[:, :, :, a, :, c])
+        return gy
+
+
+def interleave_phases(y: torch.Tensor, # phase outputs `[B, 4·O, H+1, W+1]`, channel `(2a + c)·O + o`
+                     ) -> torch.Tensor: # `[B, O, 2H, 2W]`: pixel `(2i + a, 2j + c)` = `y[:, (2a + c)·O + o, i + a, j + c]`
+    "Put the four phase outputs of `conv3x3_upsampled` back on the fine grid (one copy, and one in the backward pass)."
+    return _Interleave.apply(y)
+
+
+def conv3x3_upsampled(conv: nn.Conv2d, # a 3×3, stride-1, padding-1 convolution
+                      x: torch.Tensor, # the small input `[B, I, H, W]`
+                     ) -> torch.Tensor: # `conv(upsample×2(x))` `[B, O, 2H, 2W]`
+    "A 3×3 convolution of the ×2 nearest-upsampled `x`, computed on `x` with four 2×2 phase kernels."
+    bias = None if conv.bias is None else conv.bias.repeat(4)
+    return interleave_phases(F.conv2d(x, upsample_kernels(conv.weight), bias, padding=1))
+
+
+@patch
+def forward_upsampled(self: ResBlock, x: torch.Tensor, # the small input `[B, f_in, H, W]`
+                     ) -> torch.Tensor: # `self(upsample×2(x))` `[B, f_out, 2H, 2W]`
+    "The block applied to the ×2 nearest upsample of `x`, without materialising the upsampled input for its convolutions."
+    dx = self.conv_1(F.leaky_relu(conv3x3_upsampled(self.conv_0, F.leaky_relu(x, 0.2)), 0.2))
+    return torch.add(F.interpolate(self.shortcut(x), scale_factor=2.0, mode='nearest'), dx, alpha=0.1)
+
+
+class UpsamplingSequential(nn.Sequential):
+    "`nn.Sequential` that runs each `nn.Upsample(scale_factor=2)` followed by a `ResBlock` as one `forward_upsampled`."
+    def forward(self, x):
+        mods, i = list(self), 0
+        while i < len(mods):
+            m = mods[i]
+            fuse = (isinstance(m, nn.Upsample) and m.scale_factor in (2, 2.0) and m.mode == 'nearest'
+                    and i + 1 < len(mods) and isinstance(mods[i + 1], ResBlock))
+            if fuse: x, i = mods[i + 1].forward_upsampled(x), i + 2
+            else: x, i = m(x), i + 1
+        return x
 
 # %% ../nbs/01_nets.ipynb #d19385d4
 class PolyMNISTTower(nn.Module):
@@ -103,7 +179,7 @@ class PolyMNISTDecoder(nn.Module):
         c1, c2, c3 = (scaled(c, width) for c in (256, 128, 64))
         self.c1 = c1
         self.fc = nn.Linear(d_in, c1 * 7 * 7)
-        self.body = nn.Sequential(
+        self.body = UpsamplingSequential(
             ResBlock(c1, c2), nn.Upsample(scale_factor=2),
             ResBlock(c2, c3), nn.Upsample(scale_factor=2),
             ResBlock(c3, c3), nn.LeakyReLU(0.2), nn.Conv2d(c3, 3, 3, 1, 1))
@@ -151,7 +227,7 @@ class CUBImageDecoder(nn.Module):
         self.fc = nn.Linear(d_in, chans[0] * 2 * 2)
         layers = []
         for f_in, f_out in zip(chans[:-1], chans[1:]): layers += [ResBlock(f_in, f_out), nn.Upsample(scale_factor=2)]
-        self.body = nn.Sequential(*layers, ResBlock(chans[-1], chans[-1]), nn.LeakyReLU(0.2), nn.Conv2d(chans[-1], 3, 3, 1, 1))
+        self.body = UpsamplingSequential(*layers, ResBlock(chans[-1], chans[-1]), nn.LeakyReLU(0.2), nn.Conv2d(chans[-1], 3, 3, 1, 1))
 
     def _forward(self, u): return self.body(self.fc(u).view(-1, self.c0, 2, 2))
     def forward(self, u): return flat_call(self._forward, u, 1)
