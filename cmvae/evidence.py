@@ -94,7 +94,7 @@ def compute_at(m: dict, epoch: float) -> dict:
 
 # %% ../nbs/10e_evidence.ipynb #c13b73d6
 def ladder_points(runs: list, # metrics.json dicts with `learning_curve`
-                  grids: tuple = ('default', 'cpu-long'), # which grids' CMVAE runs
+                  grids: tuple = ('default', 'cpu-long', 'cpu-long-ordinary'), # which grids' CMVAE runs
                  ) -> list: # one dict per checkpoint: grid, beta, seed, epoch, tuples, flops, nmi, kept, kmeans_nmi
     "Learning-curve points of CMVAE runs on a common compute axis."
     pts = []
@@ -146,7 +146,8 @@ def ladder_figure(points: list, # `ladder_points`
     "NMI and clusters kept against training FLOPs, per run, with the paper's setting."
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    colours = {('default', 1.0): 'tab:blue', ('default', 2.5): 'tab:cyan', ('cpu-long', 1.0): 'tab:red', ('cpu-long', 2.5): 'tab:orange'}
+    colours = {('default', 1.0): 'tab:blue', ('default', 2.5): 'tab:cyan', ('cpu-long', 1.0): 'tab:red', ('cpu-long', 2.5): 'tab:orange',
+               ('cpu-long-ordinary', 1.0): 'tab:purple'}
     runs = {}
     for p in points: runs.setdefault((p['grid'], p['beta'], p['seed']), []).append(p)
     labelled = set()

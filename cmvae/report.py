@@ -63,7 +63,7 @@ def scale_ladder(runs: list, # completed runs
                  entries: list, # the paper's numbers
                  root: Path, # project root (parameters/paper.yaml)
                  folder: Path, # where the PNG goes (book/_generated/figures)
-                 grids: tuple = ('default', 'cpu-long'), # CMVAE grids on the ladder
+                 grids: tuple = ('default', 'cpu-long', 'cpu-long-ordinary'), # CMVAE grids on the ladder
                 ) -> str: # markdown showing the figure (path relative to book/)
     "NMI and clusters kept against training FLOPs for the CPU grids' CMVAE runs, CMC, and the paper's β = 1 setting."
     import matplotlib.pyplot as plt
