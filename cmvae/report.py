@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,8 @@ from .tables import (comparison_figure, ddpm_figures, far_table, metric_by_beta_
 
 # %% auto #0
 __all__ = ['CLUSTERING_METRICS', 'GENERATION_METRICS', 'DDPM_METRICS', 'PAPER_GENERATION', 'method_notebooks',
-           'execute_method_notebooks', 'scale_ladder', 'claim_tables', 'claim_figures', 'write_report_pages',
-           'build_book', 'argument_parser', 'main']
+           'execute_method_notebooks', 'scale_ladder', 'data_difficulty_table', 'claim_tables', 'claim_figures',
+           'write_report_pages', 'build_book', 'argument_parser', 'main']
 
 # %% ../nbs/11_report.ipynb #fc19e968
 def method_notebooks(root: str | Path | None = None) -> tuple: # project root (default: the enclosing checkout)
@@ -77,6 +78,29 @@ def scale_ladder(runs: list, # completed runs
     return '```{image} _generated/figures/scale_ladder.png\n:width: 100%\n```\n'
 
 
+# %% ../nbs/11_report.ipynb #5f519892
+def data_difficulty_table(path: Path, # `book/data_difficulty.json`, written by the PolyMNIST notebook (00b)
+                         ) -> str: # markdown: one row per background set and modality, and each set's mean
+    "How hard each rebuilt PolyMNIST modality is: background, inversion contrast, digit-classifier accuracy, k-means NMI on pixels."
+    if not path.exists(): return f'*No {path.name} yet: run the PolyMNIST notebook (00b_polymnist) to measure it.*\n'
+    data = json.loads(path.read_text())
+    rows, st, sc = data['rows'], data['settings'], data['scale']
+    lines = ['| background set | modality | background | inversion contrast | classifier accuracy (range over seeds) | k-means NMI (pixels) |',
+             '|---|---|---|---|---|---|']
+    for name in dict.fromkeys(r['set'] for r in rows):
+        rs = [r for r in rows if r['set'] == name]
+        for r in rs:
+            lo, hi = r['classifier_accuracy_range']
+            lines.append(f"| {name} | {r['modality']} | {r['background']} | {r['inversion_contrast']:.3f} | "
+                         f"{r['classifier_accuracy']:.3f} ({lo:.3f}–{hi:.3f}) | {r['kmeans_nmi']:.3f} |")
+        mean = lambda k: sum(r[k] for r in rs) / len(rs)
+        lines.append(f"| **{name}, mean** | | | {mean('inversion_contrast'):.3f} | {mean('classifier_accuracy'):.3f} | {mean('kmeans_nmi'):.3f} |")
+    clf, km = st['classifier'], st['kmeans']
+    lines.append(f"\nScale: {sc['n_train']:,} training and {sc['n_test']:,} test tuples per set ({sc['device']}); classifier: "
+                 f"{clf['net']}, {clf['epochs']} epochs, {len(clf['seeds'])} seeds; k-means: {km['n_clusters']} clusters on "
+                 f"{km['features']}, one image per modality. {data['rule'][:1].upper() + data['rule'][1:]}. Measured by `{data['notebook']}`.")
+    return '\n'.join(lines) + '\n'
+
 # %% ../nbs/11_report.ipynb #cb09dfc2
 CLUSTERING_METRICS = ['selected_clusters', 'nmi', 'ari', 'acc', 'nmi_unpruned']
 GENERATION_METRICS = ['coherence_conditional', 'coherence_unconditional', 'fd_unconditional', 'fd_conditional']
@@ -118,6 +142,7 @@ def claim_tables(runs: list, # completed runs (`load_runs`)
         'claim3_figures.md': ddpm_figures(runs),
         'runs.md': runs_index(runs, root),
         'cost_measured.md': measured_cost_table(runs),
+        'data_difficulty.md': data_difficulty_table(root / 'book' / 'data_difficulty.json'),
     }
 
 

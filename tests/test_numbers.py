@@ -12,7 +12,7 @@ from cmvae.results import load_paper_numbers, load_runs
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / 'book'
 PROSE = sorted((BOOK / 'verdicts').glob('*.md')) + sorted(BOOK.glob('claim*.md')) + [BOOK / p for p in ('intro.md', 'runs.md', 'cost.md')]
-COMMITTED_GRIDS = ('baselines', 'claim3', 'captioned', 'cpu-long')   # executed grids shipped under book/runs/
+COMMITTED_GRIDS = ('baselines', 'claim3', 'captioned', 'cpu-long', 'cpu-long-ordinary')   # executed grids shipped under book/runs/
 
 
 def test_pages_carry_no_hand_typed_number():
