@@ -60,10 +60,9 @@ def main(argv=None):
             fixed = rs[-1]['measured_bytes'] - slope * rs[-1]['batch']
         else:
             slope, fixed = rs[0]['measured_bytes'] / rs[0]['batch'], 0.
-        params = 5 * prof['param_bytes']    # weights, gradients, AMSGrad's three moments
+        params = cost.OPTIMISER_COPIES * prof['param_bytes']    # weights, gradients, AMSGrad's three moments
         budget = a.cpu_gb * GiB - params
-        cpu_fit = next((b for b in [a.batch] + [2 ** k for k in range(7, -1, -1) if 2 ** k < a.batch]
-                        if fixed + slope * b <= budget), None)
+        cpu_fit = next((b for b in cost.micro_batch_candidates(a.batch) if fixed + slope * b <= budget), None)
         fits.append(dict(K=K, per_tuple_bytes=slope, fixed_bytes=fixed, param_state_bytes=params,
                          cpu_full_batch_gib=(fixed + slope * a.batch + params) / GiB, cpu_micro_batch=cpu_fit,
                          gpu={name: dict(micro_batch=g['micro_batch'], peak_gb_full_batch=est['peak_gb_full_batch'])

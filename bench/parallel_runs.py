@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -23,19 +21,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import hygiene  # noqa: E402
-
-
-def worker_cmd(a, threads: int) -> list:
-    return [sys.executable, str(HERE / 'small_width.py'), '--worker', '--widths', str(a.width), '--modalities',
-            str(a.modalities), '--threads', str(threads), '--batch', str(a.batch), '--K', '1', '--clusters',
-            str(a.clusters), '--lr', '3e-3', '--steps', str(a.steps), '--warmup', str(a.warmup)]
+import small_width  # noqa: E402
 
 
 def launch(a, threads: int, n: int) -> list:
     "Start `n` workers with `threads` threads each at once; their result dicts."
-    env = lambda t: dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(t))
-    procs = [subprocess.Popen(worker_cmd(a, threads), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env(threads), cwd=ROOT) for _ in range(n)]
+    setting = dict(width=a.width, M=a.modalities, threads=threads)
+    procs = [subprocess.Popen(small_width.worker_cmd(setting, a), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=small_width.worker_env(ROOT, threads), cwd=ROOT) for _ in range(n)]
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=a.timeout)
@@ -50,6 +43,8 @@ def main(argv=None):
     p.add_argument('--modalities', type=int, default=2)
     p.add_argument('--batch', type=int, default=32)
     p.add_argument('--clusters', type=int, default=20)
+    p.add_argument('--K', type=int, default=1)
+    p.add_argument('--lr', type=float, default=3e-3)
     p.add_argument('--steps', type=int, default=40)
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--rounds', type=int, default=3)

@@ -120,12 +120,21 @@ def extract(rev: str) -> Path:
     return dest
 
 
+def worker_cmd(setting: dict, a) -> list:
+    "The command of one measurement: `setting` (width, M, threads) with the batch, K, clusters, lr and step counts of `a`."
+    return [sys.executable, __file__, '--worker', '--widths', str(setting['width']), '--modalities', str(setting['M']),
+            '--threads', str(setting['threads']), '--batch', str(a.batch), '--K', str(a.K), '--clusters', str(a.clusters),
+            '--lr', str(a.lr), '--steps', str(a.steps), '--warmup', str(a.warmup)]
+
+
+def worker_env(tree: Path, threads: int) -> dict:
+    "The environment of one measurement: the library of `tree` on the path, `threads` OpenMP threads."
+    return dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(threads))
+
+
 def run_worker(tree: Path, setting: dict, a) -> dict:
-    cmd = [sys.executable, __file__, '--worker', '--widths', str(setting['width']), '--modalities', str(setting['M']),
-           '--threads', str(setting['threads']), '--batch', str(a.batch), '--K', str(a.K), '--clusters', str(a.clusters),
-           '--lr', str(a.lr), '--steps', str(a.steps), '--warmup', str(a.warmup)]
-    env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(setting['threads']))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=a.timeout)
+    r = subprocess.run(worker_cmd(setting, a), capture_output=True, text=True, env=worker_env(tree, setting['threads']),
+                       cwd=ROOT, timeout=a.timeout)
     if r.returncode != 0: raise RuntimeError(f'worker failed ({tree}):\n{r.stderr[-3000:]}')
     return json.loads(r.stdout.strip().splitlines()[-1])
 

@@ -20,7 +20,8 @@ from .train import CMVAEConfig, build_model, training_objective
 # %% auto #0
 __all__ = ['N_MODALITIES', 'VOCAB_SIZE', 'TRANSIENT', 'CONTEXT_GB', 'OPTIMISER_COPIES', 'HEADROOM', 'UTILISATION', 'GPUS',
            'PAPER_DATA', 'measured_cost_table', 'meta_inputs', 'step_profile', 'measured_step_memory', 'eval_flops',
-           'peak_memory_gb', 'fitting_micro_batch', 'run_estimate', 'paper_cost', 'paper_cost_table']
+           'peak_memory_gb', 'micro_batch_candidates', 'fitting_micro_batch', 'run_estimate', 'paper_cost',
+           'paper_cost_table']
 
 # %% ../nbs/10d_cost.ipynb #33257940
 def measured_cost_table(runs: list, # metrics.json dicts with their `grid` (as `load_runs` gives them)
@@ -152,13 +153,18 @@ def peak_memory_gb(profile: dict, # `run_estimate`'s per-tuple profile (param_by
     return (OPTIMISER_COPIES * profile['param_bytes'] + TRANSIENT * acts) / 2**30 + CONTEXT_GB
 
 
+def micro_batch_candidates(batch: int, # the run's batch size
+                          ) -> list: # largest first
+    "The micro-batches worth trying for a batch: `batch` itself, then the powers of two below it down to 1."
+    return [batch] + [2 ** k for k in range(int(math.log2(batch)), -1, -1) if 2 ** k < batch]
+
+
 def fitting_micro_batch(profile: dict, # as for `peak_memory_gb`
                         batch: int, # the run's batch size
                         memory_gb: float, # the GPU's memory
                        ) -> int | None: # the largest micro-batch that fits (None: not even 1 tuple)
     "The largest micro-batch (`batch` itself, or a power of two below it) whose peak stays within `HEADROOM` × `memory_gb`."
-    candidates = [batch] + [2 ** k for k in range(int(math.log2(batch)), -1, -1) if 2 ** k < batch]
-    return next((b for b in candidates if peak_memory_gb(profile, b) <= HEADROOM * memory_gb), None)
+    return next((b for b in micro_batch_candidates(batch) if peak_memory_gb(profile, b) <= HEADROOM * memory_gb), None)
 
 
 def run_estimate(cfg: CMVAEConfig, # one run of a grid

@@ -12,18 +12,19 @@ import statistics
 from .results import PAPER_SCALE, group_key
 
 # %% auto #0
-__all__ = ['LABEL_FREE', 'SHAPE_FIELDS', 'selected_pne', 'criterion_value', 'label_free_choice', 'label_free_table',
-           'flops_per_tuple', 'compute_at', 'ladder_points', 'baseline_markers', 'paper_point', 'ladder_figure']
+__all__ = ['LABEL_FREE', 'SHAPE_FIELDS', 'LADDER_GRIDS', 'selected_pne', 'criterion_value', 'label_free_choice',
+           'label_free_table', 'flops_per_tuple', 'compute_at', 'ladder_points', 'baseline_markers', 'paper_point',
+           'ladder_figure']
 
 # %% ../nbs/10e_evidence.ipynb #8d69a21a
 LABEL_FREE = {'val_loss': 'validation bound (lowest negative bound)', 'pne': 'post-hoc criterion at the selected step (lowest PNE)'}
 
 
 def selected_pne(m: dict) -> float | None:
-    "The PNE of the step the post-hoc selection chose (the lowest among eligible steps), from metrics.json."
-    steps = (m.get('clustering') or {}).get('pruning_curve') or []
-    vals = [s['pne'] for s in steps if s.get('eligible', True) and s.get('pne') is not None]
-    return min(vals) if vals else None
+    "The PNE of the step the post-hoc selection chose (the one that kept `selected_clusters`), from metrics.json."
+    cl = m.get('clustering') or {}
+    step = next((s for s in cl.get('pruning_curve') or [] if s.get('n_clusters') == cl.get('selected_clusters')), None)
+    return None if step is None else step.get('pne')
 
 
 def criterion_value(m: dict, criterion: str) -> float | None:
@@ -93,8 +94,11 @@ def compute_at(m: dict, epoch: float) -> dict:
     return dict(tuples=tuples, flops=tuples * flops_per_tuple(m['config']))
 
 # %% ../nbs/10e_evidence.ipynb #c13b73d6
+LADDER_GRIDS = ('default', 'cpu-long', 'cpu-long-ordinary')   # the CPU grids whose CMVAE runs the ladder draws
+
+
 def ladder_points(runs: list, # metrics.json dicts with `learning_curve`
-                  grids: tuple = ('default', 'cpu-long', 'cpu-long-ordinary'), # which grids' CMVAE runs
+                  grids: tuple = LADDER_GRIDS, # which grids' CMVAE runs
                  ) -> list: # one dict per checkpoint: grid, beta, seed, epoch, tuples, flops, nmi, kept, kmeans_nmi
     "Learning-curve points of CMVAE runs on a common compute axis."
     pts = []

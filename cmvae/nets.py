@@ -34,9 +34,14 @@ class ResBlock(nn.Module):
         self.conv_1 = nn.Conv2d(hidden, f_out, 3, 1, 1)
         self.shortcut = nn.Identity() if f_in == f_out else nn.Conv2d(f_in, f_out, 1, bias=False)
 
+    def residual(self, s: torch.Tensor, # the shortcut's output S(x)
+                 h: torch.Tensor, # `conv_0`'s output on lrelu(x)
+                ) -> torch.Tensor:
+        "`S(x) + 0.1 · conv_1(lrelu(h))`, the sum in one pass."
+        return torch.add(s, self.conv_1(F.leaky_relu(h, 0.2)), alpha=0.1)
+
     def forward(self, x):
-        dx = self.conv_1(F.leaky_relu(self.conv_0(F.leaky_relu(x, 0.2)), 0.2))
-        return torch.add(self.shortcut(x), dx, alpha=0.1)   # one pass: S(x) + 0.1·dx
+        return self.residual(self.shortcut(x), self.conv_0(F.leaky_relu(x, 0.2)))
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False, # count only the parameters with `requires_grad`
@@ -70,28 +75,31 @@ def upsample_kernels(weight: torch.Tensor, # a 3×3 kernel `[O, I, 3, 3]`
     return torch.cat(phases, 0)
 
 
+def _phase_pairs(phases: torch.Tensor, # `[B, 4·O, H+1, W+1]`
+                 fine: torch.Tensor, # `[B, O, 2H, 2W]`
+                ) -> list: # `(phase window, fine-grid pixels)` views for the phases (a, c), each `[B, O, H, W]`
+    "Matching views of the four phase outputs and of the fine-grid pixels `(2i + a, 2j + c)` they fill."
+    B, C, H1, W1 = phases.shape
+    O, H, W = C // 4, H1 - 1, W1 - 1
+    p, f = phases.view(B, 2, 2, O, H1, W1), fine.view(B, O, H, 2, W, 2)
+    return [(p[:, a, c, :, a:a + H, c:c + W], f[:, :, :, a, :, c]) for a in (0, 1) for c in (0, 1)]
+
+
 class _Interleave(torch.autograd.Function):
     "Phase outputs `[B, 4·O, H+1, W+1]` -> the fine grid `[B, O, 2H, 2W]` (see `interleave_phases`)."
     @staticmethod
     def forward(ctx, y):
         B, C, H1, W1 = y.shape
-        O, H, W = C // 4, H1 - 1, W1 - 1
         fmt = torch.channels_last if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous() else torch.contiguous_format
-        out = torch.empty(B, O, 2 * H, 2 * W, dtype=y.dtype, device=y.device, memory_format=fmt)
-        src, dst = y.view(B, 2, 2, O, H1, W1), out.view(B, O, H, 2, W, 2)
-        for a in (0, 1):
-            for c in (0, 1): dst[:, :, :, a, :, c].copy_(src[:, a, c, :, a:a + H, c:c + W])
+        out = torch.empty(B, C // 4, 2 * (H1 - 1), 2 * (W1 - 1), dtype=y.dtype, device=y.device, memory_format=fmt)
+        for phase, pixels in _phase_pairs(y, out): pixels.copy_(phase)
         ctx.fmt, ctx.shape = fmt, y.shape
         return out
 
     @staticmethod
     def backward(ctx, g):
-        B, C, H1, W1 = ctx.shape
-        O, H, W = C // 4, H1 - 1, W1 - 1
         gy = torch.empty(ctx.shape, dtype=g.dtype, device=g.device, memory_format=ctx.fmt).zero_()
-        src, dst = g.reshape(B, O, H, 2, W, 2), gy.view(B, 2, 2, O, H1, W1)
-        for a in (0, 1):
-            for c in (0, 1): dst[:, a, c, :, a:a + H, c:c + W].copy_(src[:, :, :, a, :, c])
+        for phase, pixels in _phase_pairs(gy, g.contiguous(memory_format=ctx.fmt)): phase.copy_(pixels)
         return gy
 
 
@@ -113,8 +121,8 @@ def conv3x3_upsampled(conv: nn.Conv2d, # a 3×3, stride-1, padding-1 convolution
 def forward_upsampled(self: ResBlock, x: torch.Tensor, # the small input `[B, f_in, H, W]`
                      ) -> torch.Tensor: # `self(upsample×2(x))` `[B, f_out, 2H, 2W]`
     "The block applied to the ×2 nearest upsample of `x`, without materialising the upsampled input for its convolutions."
-    dx = self.conv_1(F.leaky_relu(conv3x3_upsampled(self.conv_0, F.leaky_relu(x, 0.2)), 0.2))
-    return torch.add(F.interpolate(self.shortcut(x), scale_factor=2.0, mode='nearest'), dx, alpha=0.1)
+    return self.residual(F.interpolate(self.shortcut(x), scale_factor=2.0, mode='nearest'),
+                         conv3x3_upsampled(self.conv_0, F.leaky_relu(x, 0.2)))
 
 
 class UpsamplingSequential(nn.Sequential):
@@ -123,7 +131,7 @@ class UpsamplingSequential(nn.Sequential):
         mods, i = list(self), 0
         while i < len(mods):
             m = mods[i]
-            fuse = (isinstance(m, nn.Upsample) and m.scale_factor in (2, 2.0) and m.mode == 'nearest'
+            fuse = (isinstance(m, nn.Upsample) and m.scale_factor == 2 and m.mode == 'nearest'
                     and i + 1 < len(mods) and isinstance(mods[i + 1], ResBlock))
             if fuse: x, i = mods[i + 1].forward_upsampled(x), i + 2
             else: x, i = m(x), i + 1

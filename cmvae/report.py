@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .cost import measured_cost_table, paper_cost, paper_cost_table
-from .evidence import baseline_markers, label_free_table, ladder_figure, ladder_points, paper_point
+from .evidence import LADDER_GRIDS, baseline_markers, label_free_table, ladder_figure, ladder_points, paper_point
 from .grid import GridError, inline_figures, project_root
 from .numbers import Numbers, render_pages
 from .results import ReportError, aggregate, load_paper_numbers, load_runs, paper_value
@@ -64,7 +64,7 @@ def scale_ladder(runs: list, # completed runs
                  entries: list, # the paper's numbers
                  root: Path, # project root (parameters/paper.yaml)
                  folder: Path, # where the PNG goes (book/_generated/figures)
-                 grids: tuple = ('default', 'cpu-long', 'cpu-long-ordinary'), # CMVAE grids on the ladder
+                 grids: tuple = LADDER_GRIDS, # CMVAE grids on the ladder
                 ) -> str: # markdown showing the figure (path relative to book/)
     "NMI and clusters kept against training FLOPs for the CPU grids' CMVAE runs, CMC, and the paper's β = 1 setting."
     import matplotlib.pyplot as plt
