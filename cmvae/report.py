@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import hashlib
 import json
 import subprocess
@@ -35,29 +36,46 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def _execute_one(root: Path, name: str, out_dir: Path) -> Path:
+    "Execute `nbs/{name}.ipynb` into `out_dir` with papermill and stamp it with its source's digest."
+    import papermill as pm
+    src, dst, stamp = root / 'nbs' / f'{name}.ipynb', out_dir / f'{name}.ipynb', out_dir / f'{name}.digest'
+    print(f'executing {src.relative_to(root)} -> {dst.relative_to(root)}', flush=True)
+    try: pm.execute_notebook(str(src), str(dst), cwd=str(root / 'nbs'), progress_bar=False, log_output=False)
+    except pm.PapermillExecutionError as e:
+        raise ReportError(f'{src.relative_to(root)} failed in cell {e.exec_count}: {e.ename}: {e.evalue} '
+                          f'(the executed copy up to that cell: {dst})') from None
+    stamp.write_text(_digest(src))
+    return dst
+
+
 def execute_method_notebooks(root: str | Path | None = None, # project root (default: the enclosing checkout)
                              names: tuple | None = None, # notebooks of `nbs/` to execute (default: `method_notebooks`)
                              force: bool = False, # re-execute even when the source did not change
+                             jobs: int = 2, # notebooks executed at the same time (each in its own kernel)
                             ) -> list: # paths of the executed copies
-    "Execute method notebooks with papermill into `book/_generated/method/`, skipping unchanged ones."
-    import papermill as pm
+    "Execute method notebooks with papermill into `book/_generated/method/`, `jobs` at a time, skipping unchanged ones."
     root = project_root(root)
+    if jobs < 1: raise ReportError(f'jobs must be at least 1, got {jobs}')
     out_dir = root / 'book' / '_generated' / 'method'
     out_dir.mkdir(parents=True, exist_ok=True)
     inline_figures()
-    done = []
-    for name in names if names is not None else method_notebooks(root):
+    names = names if names is not None else method_notebooks(root)
+    for name in names:
+        if not (root / 'nbs' / f'{name}.ipynb').exists(): raise ReportError(f"{root / 'nbs' / f'{name}.ipynb'}: no such notebook")
+    def stale(name):
         src, dst, stamp = root / 'nbs' / f'{name}.ipynb', out_dir / f'{name}.ipynb', out_dir / f'{name}.digest'
-        if not src.exists(): raise ReportError(f'{src}: no such notebook')
-        if force or not dst.exists() or not stamp.exists() or stamp.read_text() != _digest(src):
-            print(f'executing {src.relative_to(root)} -> {dst.relative_to(root)}', flush=True)
-            try: pm.execute_notebook(str(src), str(dst), cwd=str(root / 'nbs'), progress_bar=False, log_output=False)
-            except pm.PapermillExecutionError as e:
-                raise ReportError(f'{src.relative_to(root)} failed in cell {e.exec_count}: {e.ename}: {e.evalue} '
-                                  f'(the executed copy up to that cell: {dst})') from None
-            stamp.write_text(_digest(src))
-        done.append(dst)
-    return done
+        return force or not dst.exists() or not stamp.exists() or stamp.read_text() != _digest(src)
+    todo = [name for name in names if stale(name)]
+    # the notebooks do not read each other's outputs (nbdev_test runs them in parallel too); stop at the first failure
+    with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(_execute_one, root, name, out_dir) for name in todo]
+        for future in cf.as_completed(futures):
+            if future.exception() is not None:
+                for other in futures: other.cancel()
+                raise future.exception()
+    return [out_dir / f'{name}.ipynb' for name in names]
+
 
 # %% ../nbs/11_report.ipynb #71e89ae9
 def scale_ladder(runs: list, # completed runs
@@ -191,10 +209,11 @@ def write_report_pages(root: str | Path | None = None, # project root (default: 
 def build_book(root: str | Path | None = None, # project root (default: the enclosing checkout)
                strict: bool = True, # fail on Sphinx warnings (missing pages, broken references)
                execute: bool = True, # execute changed method notebooks first
+               jobs: int = 2, # method notebooks executed at the same time
               ) -> Path: # path of the built `index.html`
     "Execute what the book needs, write the generated pages, then `jupyter-book build` into `book/_build/html`."
     root = project_root(root)
-    if execute: execute_method_notebooks(root)
+    if execute: execute_method_notebooks(root, jobs=jobs)
     write_report_pages(root)
     exe = Path(sys.executable).parent / 'jupyter-book'
     if not exe.exists(): raise ReportError(f'{exe} not found: jupyter-book is not installed in this environment (make setup installs it)')
@@ -214,6 +233,7 @@ def argument_parser() -> argparse.ArgumentParser:
     b = sub.add_parser('build', help='execute the method notebooks, write the generated pages and build the book')
     b.add_argument('--no-strict', action='store_true', help='do not fail on Sphinx warnings')
     b.add_argument('--no-execute', action='store_true', help='do not (re-)execute the method notebooks')
+    b.add_argument('--jobs', type=int, default=2, help='method notebooks executed at the same time (default 2)')
     sub.add_parser('tables', help='write the generated tables and figures only')
     return parser
 
@@ -223,7 +243,7 @@ def main(argv: list | None = None): # the arguments (default: the command line's
     args = argument_parser().parse_args(argv)
     try:
         if args.command == 'build':
-            print(f'book: {build_book(strict=not args.no_strict, execute=not args.no_execute)}')
+            print(f'book: {build_book(strict=not args.no_strict, execute=not args.no_execute, jobs=args.jobs)}')
         else:
             for p in write_report_pages(): print(p)
     except (ReportError, GridError) as e:

@@ -290,3 +290,35 @@ def test_captioned_run(variants):
     assert m['scale']['data'] == 'CaptionedShapes (CUBICC-shaped stand-in)' and m['scale']['n_train'] == 64
     assert 1 <= m['clustering']['selected_clusters'] <= 8 and m['coherence'] == {}   # no coherence classifiers for captions
     assert 'from the image:' in _outputs(root, 'captioned-beta2.5-seed0')            # captions generated from images, decoded
+
+
+def _notebook(source: str) -> dict:
+    "A one-cell notebook with the metadata papermill needs."
+    return {'cells': [{'id': 'c0', 'cell_type': 'code', 'metadata': {}, 'execution_count': None, 'outputs': [], 'source': source}],
+            'metadata': {'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'},
+                         'language_info': {'name': 'python'}}, 'nbformat': 4, 'nbformat_minor': 5}
+
+
+def test_method_notebooks_execute_in_parallel_and_skip_unchanged(tmp_path):
+    "Two kernels at a time: every notebook executed once, stamped, skipped when unchanged; a failure names its notebook."
+    from cmvae.report import ReportError, execute_method_notebooks
+    (tmp_path / 'nbs').mkdir()
+    for name in ('00_a', '01_b', '02_c'):
+        timing = tmp_path / f'{name}.times'   # when the cell ran, to see two kernels at work at once
+        (tmp_path / 'nbs' / f'{name}.ipynb').write_text(json.dumps(_notebook(
+            f'import time; t0 = time.time(); time.sleep(2); print("{name}"); open({str(timing)!r}, "w").write(f"{{t0}} {{time.time()}}")')))
+    out = tmp_path / 'book' / '_generated' / 'method'
+    done = execute_method_notebooks(tmp_path, jobs=2)
+    assert [p.name for p in done] == ['00_a.ipynb', '01_b.ipynb', '02_c.ipynb']
+    for name in ('00_a', '01_b', '02_c'):
+        executed = json.loads((out / f'{name}.ipynb').read_text())
+        assert ''.join(executed['cells'][0]['outputs'][0]['text']) == f'{name}\n'
+    (a0, a1), (b0, b1) = (map(float, (tmp_path / f'{n}.times').read_text().split()) for n in ('00_a', '01_b'))
+    assert max(a0, b0) < min(a1, b1), 'the first two notebooks did not run at the same time'
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob('*.ipynb')}
+    execute_method_notebooks(tmp_path, jobs=2)   # nothing changed: nothing re-executed
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in out.glob('*.ipynb')}
+    (tmp_path / 'nbs' / '01_b.ipynb').write_text(json.dumps(_notebook('raise ValueError("broken on purpose")')))
+    with pytest.raises(ReportError, match=r'01_b.ipynb failed in cell .*ValueError: broken on purpose'):
+        execute_method_notebooks(tmp_path, jobs=2)
+    assert stamps['00_a.ipynb'] == (out / '00_a.ipynb').stat().st_mtime_ns   # the unchanged ones were not re-run
