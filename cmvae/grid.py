@@ -26,9 +26,9 @@ from .train import CMVAEConfig
 
 # %% auto #0
 __all__ = ['GRID_KEYS', 'EXPERIMENT_KEYS', 'INLINE_BACKEND', 'OTHER_MACHINE_PATH', 'EXECUTORS', 'GridError', 'RunSpec', 'run_id',
-           'load_grid', 'RunResult', 'project_root', 'grid_paths', 'is_complete', 'title_run_notebook',
-           'inline_figures', 'portable_paths', 'make_portable', 'execute_run', 'select_runs', 'write_failures',
-           'run_grid', 'argument_parser', 'main']
+           'resolve_project_path', 'load_grid', 'RunResult', 'project_root', 'grid_paths', 'is_complete',
+           'title_run_notebook', 'inline_figures', 'portable_paths', 'make_portable', 'execute_run', 'select_runs',
+           'write_failures', 'run_grid', 'argument_parser', 'main']
 
 # %% ../nbs/10_grid.ipynb #8c58b62a
 class GridError(ValueError):
@@ -64,12 +64,23 @@ def _expand(grid: dict, where: str) -> list:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 # %% ../nbs/10_grid.ipynb #4b6f392a
-def _check_data(cfg: CMVAEConfig, where: str):
+def resolve_project_path(path: str | Path, # a path from a grid file or a run's parameters (`data_dir`, `out_dir`)
+                         root: str | Path | None = None, # project root (default: the enclosing checkout, else the working folder)
+                        ) -> Path:
+    "`path` with `~` expanded; a relative path is taken from the project root, as grid files write them."
+    p = Path(path).expanduser()
+    if p.is_absolute(): return p
+    return Path(root if root is not None else (find_project_root() or Path.cwd())) / p
+
+
+def _check_data(cfg: CMVAEConfig, where: str, root: str | Path | None = None):
     "A run's data must exist before the grid starts (PolyMNIST and the captioned stand-in are built on demand)."
-    if cfg.data_dir is not None and not Path(cfg.data_dir).expanduser().is_dir():
-        raise GridError(f'{where}: key data_dir: folder {cfg.data_dir} does not exist')
+    folder = None if cfg.data_dir is None else resolve_project_path(cfg.data_dir, root)
+    if folder is not None and not folder.is_dir():
+        raise GridError(f'{where}: key data_dir: folder {cfg.data_dir} does not exist' +
+                        ('' if str(folder) == cfg.data_dir else f' (looked for {folder})'))
     if cfg.dataset == 'cubicc':
-        folder = cubicc_dir(cfg.data_dir)
+        folder = cubicc_dir(None if folder is None else str(folder))
         if not (folder / 'images.pt').exists():
             raise GridError(f'{where}: key data_dir: CUBICC cannot be built here; no CUBICC files in {folder} '
                             '(set data_dir to the official CUBICC folder)')
@@ -77,6 +88,7 @@ def _check_data(cfg: CMVAEConfig, where: str):
 
 def load_grid(path: str | Path, # a grid YAML file
               check_data: bool = True, # fail when a run's data_dir does not exist
+              root: str | Path | None = None, # project root that relative data_dir are taken from (default: the enclosing checkout)
              ) -> tuple[str, list]: # (grid name, list of RunSpec)
     "Parse, expand and validate a grid file; every error names the file, the run and the key."
     path = Path(path)
@@ -103,7 +115,7 @@ def load_grid(path: str | Path, # a grid YAML file
             try: cfg = CMVAEConfig.from_dict(settings, where)
             except (TypeError, ValueError) as e:
                 raise GridError(f'{where}: run {json.dumps(values, default=str)}: {e}') from None
-            if check_data: _check_data(cfg, f'{where}: run {json.dumps(values, default=str)}')
+            if check_data: _check_data(cfg, f'{where}: run {json.dumps(values, default=str)}', root)
             runs.append(RunSpec(name, run_id(cfg), cfg))
     ids = [r.run_id for r in runs]
     dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -316,7 +328,7 @@ def run_grid(grid_file: str | Path, # a grid YAML file
     "Run every selected run of a grid that is not complete yet; failures are collected, not raised."
     if executor not in EXECUTORS: raise GridError(f'executor must be one of {EXECUTORS}, got {executor!r}')
     root = project_root(root)
-    name, runs = load_grid(grid_file)
+    name, runs = load_grid(grid_file, root=root)
     runs = select_runs(runs, only)
     book_dir, work_dir = grid_paths(root, name)
     todo = [r for r in runs if force or not is_complete(r, book_dir)]

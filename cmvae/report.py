@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +24,9 @@ from .tables import (comparison_figure, ddpm_figures, far_table, metric_by_beta_
                           results_table, runs_index, runs_table)
 
 # %% auto #0
-__all__ = ['CLUSTERING_METRICS', 'GENERATION_METRICS', 'DDPM_METRICS', 'PAPER_GENERATION', 'method_notebooks',
-           'execute_method_notebooks', 'scale_ladder', 'data_difficulty_table', 'claim_tables', 'claim_figures',
-           'write_report_pages', 'build_book', 'argument_parser', 'main']
+__all__ = ['CLUSTERING_METRICS', 'GENERATION_METRICS', 'DDPM_METRICS', 'PAPER_GENERATION', 'method_notebooks', 'kernel_threads',
+           'execute_method_notebooks', 'scale_ladder', 'data_difficulty_table', 'calibration_table', 'claim_tables',
+           'claim_figures', 'write_report_pages', 'build_book', 'argument_parser', 'main']
 
 # %% ../nbs/11_report.ipynb #fc19e968
 def method_notebooks(root: str | Path | None = None) -> tuple: # project root (default: the enclosing checkout)
@@ -49,6 +51,19 @@ def _execute_one(root: Path, name: str, out_dir: Path) -> Path:
     return dst
 
 
+@contextlib.contextmanager
+def kernel_threads(n: int): # threads each kernel started inside the block may use (OpenMP, MKL, OpenBLAS)
+    "Set the thread-count variables that kernels inherit, unless the user set `OMP_NUM_THREADS`; restore them after."
+    names = ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS')
+    saved = {k: os.environ.get(k) for k in names}
+    if saved['OMP_NUM_THREADS'] is None: os.environ.update({k: str(n) for k in names})
+    try: yield
+    finally:
+        for k, v in saved.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+
 def execute_method_notebooks(root: str | Path | None = None, # project root (default: the enclosing checkout)
                              names: tuple | None = None, # notebooks of `nbs/` to execute (default: `method_notebooks`)
                              force: bool = False, # re-execute even when the source did not change
@@ -67,8 +82,10 @@ def execute_method_notebooks(root: str | Path | None = None, # project root (def
         src, dst, stamp = root / 'nbs' / f'{name}.ipynb', out_dir / f'{name}.ipynb', out_dir / f'{name}.digest'
         return force or not dst.exists() or not stamp.exists() or stamp.read_text() != _digest(src)
     todo = [name for name in names if stale(name)]
-    # the notebooks do not read each other's outputs (nbdev_test runs them in parallel too); stop at the first failure
-    with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
+    # the notebooks do not read each other's outputs (nbdev_test runs them in parallel too); stop at the first failure.
+    # Each kernel gets its share of the cores: two kernels with a full OpenMP pool each fight over the cores and run
+    # several times slower than one after the other (measured: 03_objectives 22 s alone, 185 s beside 00b).
+    with kernel_threads(max(1, (os.cpu_count() or 1) // jobs)), cf.ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(_execute_one, root, name, out_dir) for name in todo]
         for future in cf.as_completed(futures):
             if future.exception() is not None:
@@ -119,6 +136,27 @@ def data_difficulty_table(path: Path, # `book/data_difficulty.json`, written by 
                  f"{km['features']}, one image per modality. {data['rule'][:1].upper() + data['rule'][1:]}. Measured by `{data['notebook']}`.")
     return '\n'.join(lines) + '\n'
 
+# %% ../nbs/11_report.ipynb #844697ee
+def calibration_table(path: Path, # `book/default_calibration.json`: settings and learning curve of each calibration run
+                      epochs: tuple = (4, 6, 10, 16), # curve points shown (with each run's last epoch)
+                     ) -> str: # markdown: one row per run and shown epoch, then where the numbers come from
+    "The default grid's calibration runs: NMI before and after the selection, clusters kept, k-means NMI on z, along training."
+    if not path.exists(): return f'*No {path.name}: the calibration runs are not committed.*\n'
+    data = json.loads(path.read_text())
+    lines = ['| modalities | lr | β | epoch | train min | NMI of clusters | clusters kept | NMI after selection | k-means NMI on z |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for run in data['runs']:
+        c, last = run['config'], run['curve'][-1]['epoch']
+        for r in run['curve']:
+            if r['epoch'] not in epochs and r['epoch'] != last: continue
+            note = f" (stopped; {c['epochs']} planned)" if r['epoch'] == last and run['stopped_early'] else ''
+            lines.append(f"| {c['n_modalities']} | {c['lr']:g} | {c['beta']:g} | {r['epoch']}{note} | {r['train_seconds'] / 60:.1f} | "
+                         f"{r['nmi']:.2f} | {r['kept']} | {r['nmi_selected']:.2f} | {r['kmeans_nmi']:.2f} |")
+    c = data['runs'][0]['config']
+    lines.append(f"\nAll runs: width {c['width']:g}, K = {c['K']}, batch {c['batch_size']}, {c['n_clusters']} initial clusters, "
+                 f"seed {c['seed']}, {c['threads']} thread. {data['about']}")
+    return '\n'.join(lines) + '\n'
+
 # %% ../nbs/11_report.ipynb #cb09dfc2
 CLUSTERING_METRICS = ['selected_clusters', 'nmi', 'ari', 'acc', 'nmi_unpruned']
 GENERATION_METRICS = ['coherence_conditional', 'coherence_unconditional', 'fd_unconditional', 'fd_conditional']
@@ -161,6 +199,7 @@ def claim_tables(runs: list, # completed runs (`load_runs`)
         'runs.md': runs_index(runs, root),
         'cost_measured.md': measured_cost_table(runs),
         'data_difficulty.md': data_difficulty_table(root / 'book' / 'data_difficulty.json'),
+        'default_calibration.md': calibration_table(root / 'book' / 'default_calibration.json'),
     }
 
 
