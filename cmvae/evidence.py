@@ -14,7 +14,7 @@ from .results import PAPER_SCALE, group_key
 # %% auto #0
 __all__ = ['LABEL_FREE', 'SHAPE_FIELDS', 'LADDER_GRIDS', 'selected_pne', 'criterion_value', 'label_free_choice',
            'label_free_table', 'flops_per_tuple', 'compute_at', 'ladder_points', 'baseline_markers', 'paper_point',
-           'ladder_figure']
+           'ladder_figure', 'kept_trend', 'kept_trend_table']
 
 # %% ../nbs/10e_evidence.ipynb #8d69a21a
 LABEL_FREE = {'val_loss': 'validation bound (lowest negative bound)', 'pne': 'post-hoc criterion at the selected step (lowest PNE)'}
@@ -177,3 +177,48 @@ def ladder_figure(points: list, # `ladder_points`
     a.set_ylim(0, 1); a.legend(fontsize=7, loc='lower right')
     fig.tight_layout()
     return fig
+
+# %% ../nbs/10e_evidence.ipynb #ad4c7523
+def kept_trend(m: dict, # a metrics.json dict with `learning_curve` (epoch, kept, train_seconds per point)
+               target: int, # clusters to reach (e.g. the true number minus the tolerance)
+               tail: float = 0.5, # the fraction of the curve, counted from its end, that the line is fitted to
+              ) -> dict | None: # None when the curve has fewer than 4 points
+    "A line through the end of a run's clusters-kept curve: the epoch it reaches `target`, with a range from slope ± 1 s.e."
+    from scipy.stats import linregress
+    curve = m.get('learning_curve') or []
+    if len(curve) < 4: return None
+    pts = curve[min(int(len(curve) * (1 - tail)), len(curve) - 3):]
+    fit = linregress([p['epoch'] for p in pts], [p['kept'] for p in pts])
+    se = fit.stderr if math.isfinite(fit.stderr) else 0.0   # a constant tail: scipy gives no standard error
+    last = curve[-1]
+    at_last = fit.intercept + fit.slope * last['epoch']
+    def reach(slope):
+        if last['kept'] >= target: return float(last['epoch'])
+        return last['epoch'] + max(0.0, target - at_last) / slope if slope > 0 else math.inf
+    seconds_per_epoch = last['train_seconds'] / last['epoch']
+    return dict(grid=m.get('grid'), beta=m['config']['beta'], seed=m['config']['seed'], epochs=last['epoch'], kept=last['kept'],
+                target=target, slope=fit.slope, slope_se=se, epoch=reach(fit.slope),
+                epoch_low=reach(fit.slope + se), epoch_high=reach(fit.slope - se),
+                seconds_per_epoch=seconds_per_epoch, threads=m['config'].get('threads'))
+
+# %% ../nbs/10e_evidence.ipynb #7a68762d
+def kept_trend_table(runs: list, # metrics.json dicts
+                     grid: str = 'cpu-long', beta: float = 1.0,
+                     true_clusters: int = 10, tolerance: int = 1, # the target: at least true − tolerance clusters kept
+                    ) -> str: # markdown
+    "Per seed of a grid and β: clusters kept at the end, the trend, and the epochs and hours to reach the target."
+    rows = [t for m in runs if m.get('grid') == grid and m.get('config', {}).get('model', 'cmvae') == 'cmvae'
+            and m.get('config', {}).get('beta') == beta for t in [kept_trend(m, true_clusters - tolerance)] if t]
+    if not rows: return f'*No {grid} run at β = {beta:g} with a learning curve yet.*\n'
+    ep = lambda x: '∞' if math.isinf(x) else f'{x:.0f}'
+    hours = lambda t, x: '∞' if math.isinf(x) else f'{x * t["seconds_per_epoch"] / 3600:.1f}'
+    lines = [f'| seed | epochs run | kept at the end | trend (clusters per 10 epochs) | epoch reaching ≥ {true_clusters - tolerance} kept (range) | '
+             'training hours to that epoch (range) |', '|---|---|---|---|---|---|']
+    for t in sorted(rows, key=lambda t: t['seed']):
+        lines.append(f"| {t['seed']} | {t['epochs']} | {t['kept']} | {10 * t['slope']:.1f} ± {10 * t['slope_se']:.1f} | "
+                     f"{ep(t['epoch'])} ({ep(t['epoch_low'])}–{ep(t['epoch_high'])}) | "
+                     f"{hours(t, t['epoch'])} ({hours(t, t['epoch_low'])}–{hours(t, t['epoch_high'])}) |")
+    lines.append(f"\nGrid {grid}, β = {beta:g}; target: {true_clusters} ± {tolerance} clusters. A line through the second half of each "
+                 f"learning curve of clusters kept; the range uses the slope ± one standard error (∞: the trend could be flat). "
+                 f"Hours at each run's own training speed ({rows[0]['threads']} thread). A rough guide: the count moves in steps and may level off.")
+    return '\n'.join(lines) + '\n'

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from .cost import measured_cost_table, paper_cost, paper_cost_table
-from .evidence import LADDER_GRIDS, baseline_markers, label_free_table, ladder_figure, ladder_points, paper_point
+from .evidence import (LADDER_GRIDS, baseline_markers, kept_trend_table, label_free_table, ladder_figure, ladder_points,
+                            paper_point)
 from .grid import GridError, inline_figures, project_root
 from .numbers import Numbers, render_pages
 from .results import ReportError, aggregate, load_paper_numbers, load_runs, paper_value
@@ -200,6 +201,7 @@ def claim_tables(runs: list, # completed runs (`load_runs`)
         'cost_measured.md': measured_cost_table(runs),
         'data_difficulty.md': data_difficulty_table(root / 'book' / 'data_difficulty.json'),
         'default_calibration.md': calibration_table(root / 'book' / 'default_calibration.json'),
+        'kept_trend.md': kept_trend_table(runs),
     }
 
 
