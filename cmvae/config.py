@@ -13,7 +13,7 @@ import torch
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'is_int', 'is_num', 'ConfigMixin', 'resolve_device', 'model_device', 'autocast', 'image_modalities',
-           'tune_allocator']
+           'tune_allocator', 'available_cores']
 
 # %% ../nbs/03a_config.ipynb #456eb455
 def is_int(v) -> bool:
@@ -120,3 +120,10 @@ def tune_allocator(mmap_threshold: int = 1 << 30, # blocks below this come from 
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
     except (OSError, AttributeError):   # not glibc
         return False
+
+# %% ../nbs/03a_config.ipynb #86e16af8
+def available_cores() -> int:
+    "CPU cores this process may use: its affinity set where the system has one, else `os.cpu_count()`."
+    import os
+    try: return len(os.sched_getaffinity(0))
+    except AttributeError: return os.cpu_count() or 1

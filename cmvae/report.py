@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .config import available_cores
 from .cost import measured_cost_table, paper_cost, paper_cost_table
 from .evidence import (LADDER_GRIDS, baseline_markers, kept_trend_table, label_free_table, ladder_figure, ladder_points,
                             paper_point)
@@ -39,10 +40,15 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def _method_paths(root: Path, name: str, out_dir: Path) -> tuple:
+    "(source notebook, executed copy, digest stamp) of method notebook `name`."
+    return root / 'nbs' / f'{name}.ipynb', out_dir / f'{name}.ipynb', out_dir / f'{name}.digest'
+
+
 def _execute_one(root: Path, name: str, out_dir: Path) -> Path:
     "Execute `nbs/{name}.ipynb` into `out_dir` with papermill and stamp it with its source's digest."
     import papermill as pm
-    src, dst, stamp = root / 'nbs' / f'{name}.ipynb', out_dir / f'{name}.ipynb', out_dir / f'{name}.digest'
+    src, dst, stamp = _method_paths(root, name, out_dir)
     print(f'executing {src.relative_to(root)} -> {dst.relative_to(root)}', flush=True)
     try: pm.execute_notebook(str(src), str(dst), cwd=str(root / 'nbs'), progress_bar=False, log_output=False)
     except pm.PapermillExecutionError as e:
@@ -77,22 +83,21 @@ def execute_method_notebooks(root: str | Path | None = None, # project root (def
     out_dir.mkdir(parents=True, exist_ok=True)
     inline_figures()
     names = names if names is not None else method_notebooks(root)
-    for name in names:
-        if not (root / 'nbs' / f'{name}.ipynb').exists(): raise ReportError(f"{root / 'nbs' / f'{name}.ipynb'}: no such notebook")
-    def stale(name):
-        src, dst, stamp = root / 'nbs' / f'{name}.ipynb', out_dir / f'{name}.ipynb', out_dir / f'{name}.digest'
-        return force or not dst.exists() or not stamp.exists() or stamp.read_text() != _digest(src)
-    todo = [name for name in names if stale(name)]
+    paths = {name: _method_paths(root, name, out_dir) for name in names}
+    for src, _, _ in paths.values():
+        if not src.exists(): raise ReportError(f'{src}: no such notebook')
+    todo = [name for name, (src, dst, stamp) in paths.items()
+            if force or not dst.exists() or not stamp.exists() or stamp.read_text() != _digest(src)]
     # the notebooks do not read each other's outputs (nbdev_test runs them in parallel too); stop at the first failure.
     # Each kernel gets its share of the cores: two kernels with a full OpenMP pool each fight over the cores and run
     # several times slower than one after the other (measured: 03_objectives 22 s alone, 185 s beside 00b).
-    with kernel_threads(max(1, (os.cpu_count() or 1) // jobs)), cf.ThreadPoolExecutor(max_workers=jobs) as pool:
+    with kernel_threads(max(1, available_cores() // jobs)), cf.ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(_execute_one, root, name, out_dir) for name in todo]
         for future in cf.as_completed(futures):
             if future.exception() is not None:
                 for other in futures: other.cancel()
                 raise future.exception()
-    return [out_dir / f'{name}.ipynb' for name in names]
+    return [paths[name][1] for name in names]
 
 
 # %% ../nbs/11_report.ipynb #71e89ae9
