@@ -573,3 +573,27 @@ def test_train_step_benchmark_runs():
     for dataset, batch in (('polymnist', 4), ('cubicc', 2)):
         r = bench.time_train_step(dataset, batch=batch, K=2, width=0.0625, threads=None, steps=1, warmup=0)
         assert r['samples_per_s'] > 0 and len(r['step_seconds']) == 1 and r['torch'] == torch.__version__
+
+
+def test_step_anatomy_helpers():
+    "bench/step_anatomy.py: the fit recovers an exact line, the recorder sees every convolution of a step (the fused phase convolutions too) and puts F.conv2d back, and the replay runs each kernel."
+    import importlib.util, sys
+    import torch.nn.functional as F
+    bench_dir = Path(__file__).resolve().parents[1] / 'bench'
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec = importlib.util.spec_from_file_location('bench_step_anatomy', bench_dir / 'step_anatomy.py')
+        sa = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sa)
+    finally: sys.path.remove(str(bench_dir))
+    fit = sa.fit_fixed_per_tuple([8, 32, 128], [0.02 + 0.001 * b for b in (8, 32, 128)])
+    assert fit['fixed_s'] == pytest.approx(0.02) and fit['per_tuple_s'] == pytest.approx(0.001) and fit['r2'] == pytest.approx(1)
+    step, _, model = sa.build_step('polymnist', 2, 1, 0.0625, n_modalities=2, n_clusters=4)
+    original, calls = F.conv2d, []
+    with sa.recording_convolutions(calls): step()
+    assert F.conv2d is original
+    n_modules = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    n_fused = sum(isinstance(m, torch.nn.Upsample) for m in model.modules())   # each fused block runs its phase conv instead of conv_0
+    assert len(calls) == n_modules and n_fused > 0
+    assert any(ws[-1] == 2 for _, ws, *_ in calls)   # the 2x2 phase kernels were seen
+    for kernel in sa.KERNELS: assert sa.replay_convolutions(calls[:3], kernel, reps=1) > 0
