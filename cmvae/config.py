@@ -5,7 +5,9 @@
 # %% ../nbs/03a_config.ipynb #8ece759b
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from dataclasses import fields
 
 import numpy as np
@@ -13,7 +15,7 @@ import torch
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'is_int', 'is_num', 'ConfigMixin', 'resolve_device', 'model_device', 'autocast', 'image_modalities',
-           'tune_allocator', 'available_cores']
+           'tune_allocator', 'available_cores', 'kernel_threads']
 
 # %% ../nbs/03a_config.ipynb #456eb455
 def is_int(v) -> bool:
@@ -124,6 +126,19 @@ def tune_allocator(mmap_threshold: int = 1 << 30, # blocks below this come from 
 # %% ../nbs/03a_config.ipynb #86e16af8
 def available_cores() -> int:
     "CPU cores this process may use: its affinity set where the system has one, else `os.cpu_count()`."
-    import os
     try: return len(os.sched_getaffinity(0))
     except AttributeError: return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def kernel_threads(n: int): # threads each kernel started inside the block may use (OpenMP, MKL, OpenBLAS)
+    "Set the thread-count variables that child processes (papermill kernels) inherit, unless the user set `OMP_NUM_THREADS`; restore them after."
+    names = ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS')
+    saved = {k: os.environ.get(k) for k in names}
+    if saved['OMP_NUM_THREADS'] is None: os.environ.update({k: str(n) for k in names})
+    try: yield
+    finally:
+        for k, v in saved.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+

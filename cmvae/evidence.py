@@ -14,7 +14,7 @@ from .results import PAPER_SCALE, group_key
 # %% auto #0
 __all__ = ['LABEL_FREE', 'SHAPE_FIELDS', 'LADDER_GRIDS', 'selected_pne', 'criterion_value', 'label_free_choice',
            'label_free_table', 'flops_per_tuple', 'compute_at', 'ladder_points', 'baseline_markers', 'paper_point',
-           'ladder_figure', 'kept_trend', 'kept_trend_table']
+           'ladder_figure', 'kept_trend', 'kept_trend_table', 'selection_spread_table']
 
 # %% ../nbs/10e_evidence.ipynb #8d69a21a
 LABEL_FREE = {'val_loss': 'validation bound (lowest negative bound)', 'pne': 'post-hoc criterion at the selected step (lowest PNE)'}
@@ -222,3 +222,26 @@ def kept_trend_table(runs: list, # metrics.json dicts
                  f"learning curve of clusters kept; the range uses the slope ± one standard error (∞: the trend could be flat). "
                  f"Hours at each run's own training speed ({rows[0]['threads']} thread). A rough guide: the count moves in steps and may level off.")
     return '\n'.join(lines) + '\n'
+
+# %% ../nbs/10e_evidence.ipynb #6e53bc1f
+def selection_spread_table(runs: list, # metrics.json dicts
+                           grids: tuple | None = None, # only these grids (default: every grid with a spread)
+                          ) -> str: # markdown
+    "Per CMVAE run with a `clustering.selection_spread`: what the reported selection and the other posterior draws kept."
+    rows = [m for m in runs if (m.get('clustering') or {}).get('selection_spread') and (grids is None or m.get('grid') in grids)]
+    if not rows: return '*No run with repeated selections yet (experiment notebook parameter `selection_draws`).*\n'
+    key = lambda m: (m.get('grid', ''), m['config']['beta'], m['config']['seed'])
+    rng = lambda lo, hi, f: '–' if lo is None else (f(lo) if f(lo) == f(hi) else f'{f(lo)}–{f(hi)}')
+    lines = ['| grid | β | seed | kept (reported) | kept by the draws: clusters (draws) | median | draws keeping the reported number | '
+             'validation NMI at the selected step |', '|---|---|---|---|---|---|---|---|']
+    for m in sorted(rows, key=key):
+        s = m['clustering']['selection_spread']
+        counts = ', '.join(f'{k} ({v})' for k, v in sorted(s['counts'].items(), key=lambda kv: int(kv[0])))
+        lines.append(f"| {m.get('grid', '')} | {m['config']['beta']:g} | {m['config']['seed']} | {s['kept_first']} | {counts} | "
+                     f"{s['kept_median']:g} | {s['draws_as_first']} of {s['draws']} | "
+                     f"{rng(s['nmi_min'], s['nmi_max'], lambda v: f'{v:.2f}')} |")
+    lines.append('\nEvery draw is the full cached selection on the validation split of the same trained model, with another posterior '
+                 'sample of z per tuple and modality (draw 0 is the one the run reports). Agreement means the number does not hinge on '
+                 'the sample; a spread means it does.')
+    return '\n'.join(lines) + '\n'
+

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from .config import available_cores, kernel_threads
 from .cubicc import cubicc_dir
 from .data import find_project_root
 from .train import CMVAEConfig
@@ -27,8 +28,8 @@ from .train import CMVAEConfig
 # %% auto #0
 __all__ = ['GRID_KEYS', 'EXPERIMENT_KEYS', 'INLINE_BACKEND', 'OTHER_MACHINE_PATH', 'EXECUTORS', 'GridError', 'RunSpec', 'run_id',
            'resolve_project_path', 'load_grid', 'RunResult', 'project_root', 'grid_paths', 'is_complete',
-           'title_run_notebook', 'inline_figures', 'portable_paths', 'make_portable', 'execute_run', 'select_runs',
-           'write_failures', 'run_grid', 'argument_parser', 'main']
+           'title_run_notebook', 'inline_figures', 'portable_paths', 'make_portable', 'kernel_cwd', 'execute_run',
+           'select_runs', 'write_failures', 'run_grid', 'argument_parser', 'main']
 
 # %% ../nbs/10_grid.ipynb #8c58b62a
 class GridError(ValueError):
@@ -229,6 +230,17 @@ def make_portable(path: str | Path, # a text file (an executed notebook, a metri
     return new != text
 
 # %% ../nbs/10_grid.ipynb #7b9ac114
+def kernel_cwd(folder: str | Path, # where the notebook's kernel should run
+              ) -> dict: # keyword arguments for `papermill.execute_notebook`
+    """Start a papermill kernel in `folder` without changing this process's working directory.
+
+    papermill's own `cwd=` argument calls `os.chdir` around the whole execution; the working directory belongs to
+    the process, so two notebooks executed at the same time from threads (`cmvae-grid --jobs 2`, the report's method
+    notebooks) race on it and a kernel can start in the other's folder, or in the folder the process started in. The
+    kernel's start folder given to nbclient directly has no such effect."""
+    return dict(resources={'metadata': {'path': str(folder)}})
+
+
 def execute_run(spec: RunSpec, # the run
                 root: str | Path, # project root (where nbs/experiment.ipynb is)
                 notebook: str = 'nbs/experiment.ipynb',
@@ -250,7 +262,7 @@ def execute_run(spec: RunSpec, # the run
     inline_figures()
     try:
         pm.execute_notebook(str(root / notebook), str(output), parameters=params, kernel_name=kernel,
-                            cwd=str(root / 'nbs'), progress_bar=False, log_output=False)
+                            progress_bar=False, log_output=False, **kernel_cwd(root / 'nbs'))
         metrics = out_dir / 'metrics.json'
         if not metrics.exists(): raise RuntimeError(f'the notebook finished without writing {metrics}')
         stored = json.loads(metrics.read_text())
@@ -338,7 +350,8 @@ def run_grid(grid_file: str | Path, # a grid YAML file
     def report(i, res):
         log(f'[{i}/{len(todo)}] {res.run_id}: {res.status} in {res.seconds:.0f}s' + (f' -- {res.error}' if res.error else ''))
     if executor == 'local':
-        with cf.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        # each run's kernel gets its share of the cores (torch, OpenMP: sklearn's k-means, BLAS), so parallel runs do not oversubscribe
+        with kernel_threads(max(1, available_cores() // max(1, jobs))), cf.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             futures = [pool.submit(execute_run, r, root, extra=extra) for r in todo]
             for i, fut in enumerate(cf.as_completed(futures), 1):
                 res = fut.result(); results.append(res); report(i, res)

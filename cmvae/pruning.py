@@ -5,6 +5,7 @@
 # %% ../nbs/05_pruning.ipynb #4cfb042f
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from .metrics import clustering_scores
 # %% auto #0
 __all__ = ['NORMALISERS', 'METHODS', 'TIE_BREAKS', 'PRESETS', 'masked_log_pi', 'PassScores', 'score_pass', 'encode_split',
            'PruningCache', 'cache_latents', 'PruningResult', 'least_mass', 'select_from_cache', 'select_clusters',
-           'apply_pruning', 'plot_pruning_curve', 'load_trained']
+           'apply_pruning', 'plot_pruning_curve', 'SelectionSpread', 'selection_spread', 'load_trained']
 
 # %% ../nbs/05_pruning.ipynb #f9a8308d
 NORMALISERS = ('initial', 'active')
@@ -352,6 +353,81 @@ def plot_pruning_curve(result: PruningResult, title: str | None = None):
     fig.suptitle(title or f'Pruning ({result.method}): {result.n_clusters} of {len(result.active)} clusters kept', fontsize=10)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/05_pruning.ipynb #ac0fa94e
+@dataclass
+class SelectionSpread:
+    "The post-hoc selection repeated on several posterior draws of the same model and split."
+    kept: list                    # clusters kept by each draw (draw 0 first)
+    nmi: list                     # NMI at each draw's chosen step on the split's labels (None without labels)
+    kept_frequency: torch.Tensor  # `[C]` share of the draws that kept each cluster
+    seconds: float                # wall time of all draws
+    settings: dict                # the selection's settings (those of the first draw) and the seed
+
+    @property
+    def draws(self) -> int: return len(self.kept)
+
+    def counts(self) -> dict:
+        "How many draws kept each number of clusters, `{clusters kept: draws}`, in increasing number of clusters."
+        return {n: self.kept.count(n) for n in sorted(set(self.kept))}
+
+    def summary(self) -> dict:
+        "Plain numbers for a metrics file: every draw, the range and median, and how often the first draw's count recurs."
+        first = self.kept[0]
+        nmis = [v for v in self.nmi if v is not None]
+        return dict(draws=self.draws, seed=self.settings['seed'], kept=list(self.kept), nmi=list(self.nmi),
+                    kept_min=min(self.kept), kept_median=float(np.median(self.kept)), kept_max=max(self.kept),
+                    kept_first=first, draws_as_first=self.kept.count(first), share_as_first=self.kept.count(first) / self.draws,
+                    counts={str(k): v for k, v in self.counts().items()},
+                    nmi_min=min(nmis) if nmis else None, nmi_max=max(nmis) if nmis else None,
+                    kept_frequency=[round(float(f), 4) for f in self.kept_frequency], seconds=round(self.seconds, 2))
+
+    def __repr__(self):
+        counts = ', '.join(f'{n} ({d}x)' for n, d in self.counts().items())
+        return f'SelectionSpread({self.draws} draws: kept {counts}; {self.seconds:.2f} s)'
+
+
+@contextlib.contextmanager
+def _encode_once(model: CMVAE):
+    """Within the block `model.encode` is computed once per call position: after `rewind()` (yielded), the n-th call
+    returns what the n-th call of the first round returned.
+
+    Every draw of `selection_spread` encodes the same split in the same order and encoding is deterministic (eval
+    mode): only the posterior samples differ, so the later draws reuse the first draw's posterior parameters."""
+    stored, position, original = [], [0], model.encode
+    def encode(xs):
+        i = position[0]; position[0] += 1
+        if i == len(stored): stored.append(original(xs))
+        return stored[i]
+    def rewind(): position[0] = 0
+    model.encode = encode
+    try: yield rewind
+    finally: del model.encode                                             # the class's method again
+
+
+def selection_spread(model: CMVAE, data: MultimodalDataset, # the validation split
+                     beta: float, # the training β
+                     draws: int = 20, # independent posterior draws, each a full selection
+                     seed: int = 0, # seeds the one generator all draws continue (the reported selection's seed: draw 0 = it)
+                     device=None, # default: the model's device
+                     progress: bool = True,
+                     **selection, # further arguments of `select_clusters` (method, normalise, pi_eps, tie_break, start, ...)
+                    ) -> SelectionSpread:
+    "`select_clusters` on `draws` independent posterior samples of `data`: how many clusters each keeps."
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1: raise ValueError(f'draws must be an integer >= 1, got {draws!r}')
+    if selection.get('use_mean'): raise ValueError('use_mean=True uses no posterior sample, so every draw would be the same selection')
+    for name in ('generator', 'progress'):
+        if name in selection: raise ValueError(f'selection_spread sets {name!r} itself; pass seed= instead' if name == 'generator' else f'pass {name} directly')
+    device = _device(model, device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    t0, results = time.perf_counter(), []
+    with _encode_once(model) as rewind:
+        for _ in tqdm(range(draws), desc='selection draws', mininterval=2, leave=False, disable=not progress):
+            rewind()
+            results.append(select_clusters(model, data, beta, generator=generator, device=device, progress=False, **selection))
+    freq = torch.stack([r.active for r in results]).float().mean(0)
+    return SelectionSpread([r.n_clusters for r in results], [r.steps[r.best_step].get('nmi') for r in results], freq,
+                           time.perf_counter() - t0, {**results[0].settings, 'seed': seed})
 
 # %% ../nbs/05_pruning.ipynb #ca08d539
 def load_trained(path: str | Path, # a `checkpoint.pt` written by `cmvae.train.fit`, or its run folder

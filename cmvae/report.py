@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import contextlib
 import hashlib
 import json
 import os
@@ -15,18 +14,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .config import available_cores
+from .config import available_cores, kernel_threads
 from .cost import measured_cost_table, paper_cost, paper_cost_table
 from .evidence import (LADDER_GRIDS, baseline_markers, kept_trend_table, label_free_table, ladder_figure, ladder_points,
-                            paper_point)
-from .grid import GridError, inline_figures, project_root
+                            paper_point, selection_spread_table)
+from .grid import GridError, inline_figures, kernel_cwd, project_root
 from .numbers import Numbers, render_pages
 from .results import ReportError, aggregate, load_paper_numbers, load_runs, paper_value
 from .tables import (comparison_figure, ddpm_figures, far_table, metric_by_beta_figure, modalities_note, paper_table,
                           results_table, runs_index, runs_table)
 
 # %% auto #0
-__all__ = ['CLUSTERING_METRICS', 'GENERATION_METRICS', 'DDPM_METRICS', 'PAPER_GENERATION', 'method_notebooks', 'kernel_threads',
+__all__ = ['CLUSTERING_METRICS', 'GENERATION_METRICS', 'DDPM_METRICS', 'PAPER_GENERATION', 'method_notebooks',
            'execute_method_notebooks', 'scale_ladder', 'data_difficulty_table', 'calibration_table', 'claim_tables',
            'claim_figures', 'write_report_pages', 'build_book', 'argument_parser', 'main']
 
@@ -50,25 +49,12 @@ def _execute_one(root: Path, name: str, out_dir: Path) -> Path:
     import papermill as pm
     src, dst, stamp = _method_paths(root, name, out_dir)
     print(f'executing {src.relative_to(root)} -> {dst.relative_to(root)}', flush=True)
-    try: pm.execute_notebook(str(src), str(dst), cwd=str(root / 'nbs'), progress_bar=False, log_output=False)
+    try: pm.execute_notebook(str(src), str(dst), progress_bar=False, log_output=False, **kernel_cwd(root / 'nbs'))
     except pm.PapermillExecutionError as e:
         raise ReportError(f'{src.relative_to(root)} failed in cell {e.exec_count}: {e.ename}: {e.evalue} '
                           f'(the executed copy up to that cell: {dst})') from None
     stamp.write_text(_digest(src))
     return dst
-
-
-@contextlib.contextmanager
-def kernel_threads(n: int): # threads each kernel started inside the block may use (OpenMP, MKL, OpenBLAS)
-    "Set the thread-count variables that kernels inherit, unless the user set `OMP_NUM_THREADS`; restore them after."
-    names = ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS')
-    saved = {k: os.environ.get(k) for k in names}
-    if saved['OMP_NUM_THREADS'] is None: os.environ.update({k: str(n) for k in names})
-    try: yield
-    finally:
-        for k, v in saved.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
 
 
 def execute_method_notebooks(root: str | Path | None = None, # project root (default: the enclosing checkout)
@@ -207,6 +193,7 @@ def claim_tables(runs: list, # completed runs (`load_runs`)
         'data_difficulty.md': data_difficulty_table(root / 'book' / 'data_difficulty.json'),
         'default_calibration.md': calibration_table(root / 'book' / 'default_calibration.json'),
         'kept_trend.md': kept_trend_table(runs),
+        'selection_spread.md': selection_spread_table(runs),
     }
 
 

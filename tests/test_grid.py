@@ -57,6 +57,9 @@ def test_tiny_grid_runs_through_papermill(project):
     assert metrics['config']['n_modalities'] == 2 and len(metrics['classifiers']['test_accuracy']) == 2
     for key in ('nmi', 'ari', 'acc', 'selected_clusters'): assert key in metrics['clustering']
     assert 1 <= metrics['clustering']['selected_clusters'] <= 12
+    spread = metrics['clustering']['selection_spread']   # the selection repeated on 20 posterior draws, draw 0 = the reported one
+    assert spread['draws'] == len(spread['kept']) == 20 and spread['kept'][0] == metrics['clustering']['selected_clusters']
+    assert spread['kept_min'] <= spread['kept_median'] <= spread['kept_max'] and sum(spread['counts'].values()) == 20
     assert metrics['coherence']['conditional'] is not None and metrics['generation']['fd_kind'] == 'clf-FD'
     assert metrics['scale']['n_train'] == 256 and metrics['scale']['device'] == 'cpu'
     # the executed notebook carries its outputs (figures) and the injected parameters
@@ -322,3 +325,51 @@ def test_method_notebooks_execute_in_parallel_and_skip_unchanged(tmp_path):
     with pytest.raises(ReportError, match=r'01_b.ipynb failed in cell .*ValueError: broken on purpose'):
         execute_method_notebooks(tmp_path, jobs=2)
     assert stamps['00_a.ipynb'] == (out / '00_a.ipynb').stat().st_mtime_ns   # the unchanged ones were not re-run
+
+
+def test_parallel_runs_get_their_share_of_the_cores(tmp_path, monkeypatch):
+    "With --jobs N every run's kernel is started with OMP/MKL/OpenBLAS threads = cores // N (unless the user set them); restored after."
+    from cmvae.config import available_cores
+    root = make_project(tmp_path)
+    grid = root / 'two.yaml'
+    grid.write_text(TINY.replace('name: tiny', 'name: two').replace('seed: [0]', 'seed: [0, 1]'))
+    seen = []
+    def fake_run(spec, root, extra=None):
+        seen.append({k: cmvae.grid.os.environ.get(k) for k in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS')})
+        return cmvae.grid.RunResult(spec.run_id, 'failed', 0.0, 'not run')
+    monkeypatch.setattr(cmvae.grid, 'execute_run', fake_run)
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    run_grid(grid, root=root, jobs=2, log=lambda *a: None)
+    share = str(max(1, available_cores() // 2))
+    assert seen == [dict(OMP_NUM_THREADS=share, MKL_NUM_THREADS=share, OPENBLAS_NUM_THREADS=share)] * 2
+    assert 'OMP_NUM_THREADS' not in cmvae.grid.os.environ
+    monkeypatch.setenv('OMP_NUM_THREADS', '7')                      # the user's setting wins
+    seen.clear(); run_grid(grid, root=root, jobs=2, log=lambda *a: None)
+    assert all(s['OMP_NUM_THREADS'] == '7' for s in seen) and len(seen) == 2
+
+
+def test_concurrent_kernels_start_in_their_own_folder(tmp_path):
+    "kernel_cwd: notebooks executed at the same time from threads each run in their folder, and this process's cwd never moves (papermill's cwd= chdir'ed it, a race)."
+    import concurrent.futures as cf
+    import os
+    import threading
+    import nbformat
+    import papermill as pm
+    from cmvae.grid import kernel_cwd
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import os, time\ntime.sleep(1.5)\nopen('cwd.txt', 'w').write(os.getcwd())")])
+    nb.metadata.update(kernelspec=dict(name='python3', display_name='Python 3', language='python'), language_info=dict(name='python'))
+    src = tmp_path / 'where.ipynb'
+    nbformat.write(nb, src)
+    folders = [tmp_path / f'f{i}' for i in range(3)]
+    for f in folders: f.mkdir()
+    start, seen, stop = os.getcwd(), set(), threading.Event()
+    def watch():
+        while not stop.is_set(): seen.add(os.getcwd()); stop.wait(0.01)
+    watcher = threading.Thread(target=watch); watcher.start()
+    try:
+        with cf.ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda f: pm.execute_notebook(str(src), str(f / 'out.ipynb'), progress_bar=False, **kernel_cwd(f)), folders))
+    finally:
+        stop.set(); watcher.join()
+    assert [(f / 'cwd.txt').read_text() for f in folders] == [str(f) for f in folders]
+    assert seen == {start}
