@@ -14,7 +14,7 @@ from .results import PAPER_SCALE, group_key
 # %% auto #0
 __all__ = ['LABEL_FREE', 'SHAPE_FIELDS', 'LADDER_GRIDS', 'selected_pne', 'criterion_value', 'label_free_choice',
            'label_free_table', 'flops_per_tuple', 'compute_at', 'ladder_points', 'baseline_markers', 'paper_point',
-           'ladder_figure', 'kept_trend', 'kept_trend_table', 'selection_spread_table']
+           'ladder_figure', 'kept_trend', 'kept_trend_table', 'selection_spread_table', 'checkpoint_spreads']
 
 # %% ../nbs/10e_evidence.ipynb #8d69a21a
 LABEL_FREE = {'val_loss': 'validation bound (lowest negative bound)', 'pne': 'post-hoc criterion at the selected step (lowest PNE)'}
@@ -224,24 +224,70 @@ def kept_trend_table(runs: list, # metrics.json dicts
     return '\n'.join(lines) + '\n'
 
 # %% ../nbs/10e_evidence.ipynb #6e53bc1f
-def selection_spread_table(runs: list, # metrics.json dicts
+def _spread_row(grid: str, cfg: dict, reported: int, s: dict, source: str) -> str:
+    rng = lambda lo, hi, f: '–' if lo is None else (f(lo) if f(lo) == f(hi) else f'{f(lo)}–{f(hi)}')
+    counts = ', '.join(f'{k} ({v})' for k, v in sorted(s['counts'].items(), key=lambda kv: int(kv[0])))
+    first = f"{s['kept_first']}" if s['kept_first'] == reported else f"{reported} (draw 0: {s['kept_first']})"
+    return (f"| {grid} | {cfg['beta']:g} | {cfg['seed']} | {first} | {counts} | {s['kept_median']:g} | "
+            f"{s['draws_as_first']} of {s['draws']} | {rng(s['nmi_min'], s['nmi_max'], lambda v: f'{v:.2f}')} | {source} |")
+
+
+def selection_spread_table(runs: list, # metrics.json dicts (`load_runs` adds the spreads recomputed from checkpoints)
                            grids: tuple | None = None, # only these grids (default: every grid with a spread)
                           ) -> str: # markdown
-    "Per CMVAE run with a `clustering.selection_spread`: what the reported selection and the other posterior draws kept."
-    rows = [m for m in runs if (m.get('clustering') or {}).get('selection_spread') and (grids is None or m.get('grid') in grids)]
+    "Per CMVAE run with a spread (from the run, or recomputed from its checkpoint afterwards): what the reported selection and the other posterior draws kept."
+    rows = []
+    for m in runs:
+        c = m.get('clustering') or {}
+        own, later = c.get('selection_spread'), c.get('selection_spread_checkpoint')
+        if own or later:
+            rows.append((m.get('grid', ''), m['config'], c['selected_clusters'], own or later,
+                         'the run' if own else f"its checkpoint, {later['computed']}"))
+    rows = [r for r in rows if grids is None or r[0] in grids]
     if not rows: return '*No run with repeated selections yet (experiment notebook parameter `selection_draws`).*\n'
-    key = lambda m: (m.get('grid', ''), m['config']['beta'], m['config']['seed'])
-    rng = lambda lo, hi, f: '–' if lo is None else (f(lo) if f(lo) == f(hi) else f'{f(lo)}–{f(hi)}')
     lines = ['| grid | β | seed | kept (reported) | kept by the draws: clusters (draws) | median | draws keeping the reported number | '
-             'validation NMI at the selected step |', '|---|---|---|---|---|---|---|---|']
-    for m in sorted(rows, key=key):
-        s = m['clustering']['selection_spread']
-        counts = ', '.join(f'{k} ({v})' for k, v in sorted(s['counts'].items(), key=lambda kv: int(kv[0])))
-        lines.append(f"| {m.get('grid', '')} | {m['config']['beta']:g} | {m['config']['seed']} | {s['kept_first']} | {counts} | "
-                     f"{s['kept_median']:g} | {s['draws_as_first']} of {s['draws']} | "
-                     f"{rng(s['nmi_min'], s['nmi_max'], lambda v: f'{v:.2f}')} |")
+             'validation NMI at the selected step | computed by |', '|---|---|---|---|---|---|---|---|---|']
+    lines += [_spread_row(*r) for r in sorted(rows, key=lambda r: (r[0], r[1]['beta'], r[1]['seed']))]
     lines.append('\nEvery draw is the full cached selection on the validation split of the same trained model, with another posterior '
-                 'sample of z per tuple and modality (draw 0 is the one the run reports). Agreement means the number does not hinge on '
-                 'the sample; a spread means it does.')
+                 'sample of z per tuple and modality; draw 0 uses the run\'s own seed, so it is the selection the run reports. Agreement '
+                 'means the number does not hinge on the sample; a spread means it does. "Its checkpoint": runs made before the check '
+                 'existed, recomputed later from the saved model with the library of that date (`cmvae-report spreads`), on the same '
+                 'validation tuples (checked by their digest); draw 0 reproduced the number each run reported.')
     return '\n'.join(lines) + '\n'
+
+
+# %% ../nbs/10e_evidence.ipynb #7c019c5a
+def checkpoint_spreads(root: str | Path | None = None, # project root (default: the enclosing checkout)
+                       grids: tuple = ('cpu-long', 'cpu-long-ordinary'), # committed grids whose runs predate the check
+                       draws: int = 20, # posterior draws per run
+                      ) -> list: # one entry per run: grid, run_id, config (beta, seed), reported, spread (`SelectionSpread.summary`), computed
+    "The selection spread of every cached-selection CMVAE run of `grids` that has none, recomputed from its checkpoint."
+    import datetime
+    from .data import data_fingerprint
+    from .grid import project_root
+    from .pruning import load_trained, selection_spread
+    from .results import ReportError, load_runs
+    from .train import load_splits
+    root, out = project_root(root), []
+    for m in load_runs(root):
+        c = m['config']
+        if (m['grid'] not in grids or c.get('model', 'cmvae') != 'cmvae' or not c.get('prune', True)
+                or c.get('prune_method', 'cached') != 'cached' or (m.get('clustering') or {}).get('selection_spread')): continue   # has its own
+        if c['dataset'] != 'polymnist': raise ReportError(f"{m['grid']}/{m['run_id']}: only PolyMNIST runs are supported here")
+        folder = root / 'runs' / m['grid'] / m['run_id']
+        if not (folder / 'checkpoint.pt').exists():
+            raise ReportError(f'{folder}/checkpoint.pt: no checkpoint, so no spread for this run (its grid was run on another machine?)')
+        model, cfg = load_trained(folder, n_modalities=c.get('n_modalities') or 5)
+        splits = load_splits(cfg)
+        digest = data_fingerprint({'val': splits['val']})['val']['digest']
+        if digest != m['data']['val']['digest']:
+            raise ReportError(f"{m['grid']}/{m['run_id']}: the validation split here (digest {digest}) is not the one the run saw ({m['data']['val']['digest']})")
+        s = selection_spread(model, splits['val'], cfg.beta, draws=draws, seed=cfg.seed, progress=False)
+        reported = m['clustering']['selected_clusters']
+        if s.kept[0] != reported:
+            raise ReportError(f"{m['grid']}/{m['run_id']}: draw 0 kept {s.kept[0]} clusters, the run reported {reported}: "
+                              'the library no longer reproduces its selection, so its spread would describe another selection')
+        out.append(dict(grid=m['grid'], run_id=m['run_id'], config=dict(beta=c['beta'], seed=c['seed']), reported=reported,
+                        spread=s.summary(), computed=datetime.date.today().isoformat()))
+    return out
 

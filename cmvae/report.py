@@ -17,17 +17,17 @@ from pathlib import Path
 from .config import available_cores, kernel_threads
 from .cost import measured_cost_table, paper_cost, paper_cost_table
 from .evidence import (LADDER_GRIDS, baseline_markers, kept_trend_table, label_free_table, ladder_figure, ladder_points,
-                            paper_point, selection_spread_table)
+                            paper_point, selection_spread_table, checkpoint_spreads)
 from .grid import GridError, inline_figures, kernel_cwd, project_root
 from .numbers import Numbers, render_pages
-from .results import ReportError, aggregate, load_paper_numbers, load_runs, paper_value
+from .results import SPREAD_FILE, ReportError, aggregate, load_paper_numbers, load_runs, paper_value, read_checkpoint_spreads
 from .tables import (comparison_figure, ddpm_figures, far_table, metric_by_beta_figure, modalities_note, paper_table,
                           results_table, runs_index, runs_table)
 
 # %% auto #0
 __all__ = ['CLUSTERING_METRICS', 'GENERATION_METRICS', 'DDPM_METRICS', 'PAPER_GENERATION', 'method_notebooks',
            'execute_method_notebooks', 'scale_ladder', 'data_difficulty_table', 'calibration_table', 'claim_tables',
-           'claim_figures', 'write_report_pages', 'build_book', 'argument_parser', 'main']
+           'claim_figures', 'write_report_pages', 'build_book', 'write_checkpoint_spreads', 'argument_parser', 'main']
 
 # %% ../nbs/11_report.ipynb #fc19e968
 def method_notebooks(root: str | Path | None = None) -> tuple: # project root (default: the enclosing checkout)
@@ -259,6 +259,17 @@ def build_book(root: str | Path | None = None, # project root (default: the encl
     return index
 
 # %% ../nbs/11_report.ipynb #485f7895
+def write_checkpoint_spreads(root: str | Path | None = None, grids: tuple = ('cpu-long', 'cpu-long-ordinary'), draws: int = 20) -> Path:
+    "`checkpoint_spreads` of `grids` into `SPREAD_FILE`, replacing those grids' earlier entries and keeping the others'."
+    root = project_root(root)
+    new = checkpoint_spreads(root, grids, draws)
+    kept = [e for e in read_checkpoint_spreads(root) if e['grid'] not in grids]
+    path = root / SPREAD_FILE
+    path.write_text(json.dumps(sorted(kept + new, key=lambda e: (e['grid'], e['run_id'])), indent=1) + '\n')
+    for e in new: print(f"{e['grid']}/{e['run_id']}: reported {e['reported']}, draws {e['spread']['counts']}")
+    return path
+
+
 def argument_parser() -> argparse.ArgumentParser:
     "The commands and options of `cmvae-report`, each with its help text."
     parser = argparse.ArgumentParser(prog='cmvae-report', description='Build the report (a Jupyter Book) from the executed runs.')
@@ -268,6 +279,9 @@ def argument_parser() -> argparse.ArgumentParser:
     b.add_argument('--no-execute', action='store_true', help='do not (re-)execute the method notebooks')
     b.add_argument('--jobs', type=int, default=2, help='method notebooks executed at the same time (default 2)')
     sub.add_parser('tables', help='write the generated tables and figures only')
+    sp = sub.add_parser('spreads', help=f'recompute the selection spread of runs that predate it from their checkpoints into {SPREAD_FILE}')
+    sp.add_argument('grids', nargs='*', default=['cpu-long', 'cpu-long-ordinary'], help='grids (default: cpu-long cpu-long-ordinary)')
+    sp.add_argument('--draws', type=int, default=20, help='posterior draws per run (default 20)')
     return parser
 
 
@@ -277,6 +291,8 @@ def main(argv: list | None = None): # the arguments (default: the command line's
     try:
         if args.command == 'build':
             print(f'book: {build_book(strict=not args.no_strict, execute=not args.no_execute, jobs=args.jobs)}')
+        elif args.command == 'spreads':
+            print(write_checkpoint_spreads(grids=tuple(args.grids), draws=args.draws))
         else:
             for p in write_report_pages(): print(p)
     except (ReportError, GridError) as e:

@@ -15,9 +15,9 @@ import yaml
 from .grid import project_root
 
 # %% auto #0
-__all__ = ['DATASET_MODALITIES', 'MODEL_NAMES', 'METRIC_LABELS', 'PAPER_ENTRY_KEYS', 'PAPER_SCALE', 'ReportError', 'flat_metrics',
-           'load_runs', 'summarise', 'group_key', 'aggregate', 'scale_of', 't_test', 'load_paper_numbers',
-           'paper_value', 'at_paper_scale']
+__all__ = ['DATASET_MODALITIES', 'MODEL_NAMES', 'METRIC_LABELS', 'SPREAD_FILE', 'PAPER_ENTRY_KEYS', 'PAPER_SCALE', 'ReportError',
+           'flat_metrics', 'read_checkpoint_spreads', 'load_runs', 'summarise', 'group_key', 'aggregate', 'scale_of',
+           't_test', 'load_paper_numbers', 'paper_value', 'at_paper_scale']
 
 # %% ../nbs/10a_results.ipynb #ebecc3d8
 class ReportError(ValueError):
@@ -59,15 +59,33 @@ def flat_metrics(m: dict, # one run's metrics.json
     return out
 
 
+SPREAD_FILE = 'book/selection_spread_checkpoints.json'   # selection spreads recomputed from checkpoints (`cmvae-report spreads`)
+
+
+def read_checkpoint_spreads(root: str | Path, # project root
+                           ) -> list: # entries: grid, run_id, config, reported, spread, computed
+    "The selection spreads recomputed afterwards from runs' checkpoints, as `cmvae-report spreads` wrote them (none without the file)."
+    path = Path(root) / SPREAD_FILE
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def load_runs(root: str | Path | None = None, # project root (default: the enclosing checkout)
               grid: str | None = None, # one grid's runs (default: every grid's)
              ) -> list: # metrics.json dicts, each with its `grid` and `path`
-    "Every completed run's metrics.json under `book/runs/` (of one grid, or all), with its grid name."
+    """Every completed run's metrics.json under `book/runs/` (of one grid, or all), with its grid name.
+
+    A run made before the experiment notebook repeated its selection gets the spread recomputed from its checkpoint
+    (`SPREAD_FILE`) as `clustering.selection_spread_checkpoint`, with the date it was computed."""
     root = project_root(root)
+    later = {(e['grid'], e['run_id']): e for e in read_checkpoint_spreads(root)}
     runs = []
     for path in sorted((root / 'book' / 'runs').glob(f'{grid or "*"}/*.metrics.json')):
         m = json.loads(path.read_text())
-        if m.get('status') == 'complete': runs.append({**m, 'grid': path.parent.name, 'path': str(path)})
+        if m.get('status') != 'complete': continue
+        e = later.get((path.parent.name, m.get('run_id')))
+        if e and not (m.get('clustering') or {}).get('selection_spread'):
+            m.setdefault('clustering', {})['selection_spread_checkpoint'] = {**e['spread'], 'computed': e['computed']}
+        runs.append({**m, 'grid': path.parent.name, 'path': str(path)})
     return runs
 
 # %% ../nbs/10a_results.ipynb #a1acc94d

@@ -373,3 +373,25 @@ def test_concurrent_kernels_start_in_their_own_folder(tmp_path):
         stop.set(); watcher.join()
     assert [(f / 'cwd.txt').read_text() for f in folders] == [str(f) for f in folders]
     assert seen == {start}
+
+
+def test_checkpoint_spreads_recompute_a_runs_selection(project, tmp_path):
+    "cmvae-report spreads: a run without a spread gets one from its checkpoint; draw 0 must reproduce it and the validation data must be the run's."
+    import shutil
+    from cmvae.evidence import checkpoint_spreads
+    from cmvae.results import ReportError
+    root, _, _ = project
+    run = root / 'book' / 'runs' / 'tiny' / 'polymnist-beta2.5-seed0.metrics.json'
+    saved = run.read_text()
+    m = json.loads(saved)
+    ours = m['clustering'].pop('selection_spread')
+    try:
+        run.write_text(json.dumps(m))
+        (e,) = checkpoint_spreads(root, grids=('tiny',), draws=4)
+        assert e['reported'] == m['clustering']['selected_clusters'] and e['spread']['kept'] == ours['kept'][:4]   # same draws as the run's own
+        m['data']['val']['digest'] = 'not-the-same'
+        run.write_text(json.dumps(m))
+        with pytest.raises(ReportError, match='is not the one the run saw'): checkpoint_spreads(root, grids=('tiny',), draws=1)
+    finally:
+        run.write_text(saved)
+    assert checkpoint_spreads(root, grids=('tiny',)) == []   # runs with their own spread are left alone
