@@ -205,7 +205,8 @@ def main(argv=None):
         print(f"  {k:>22}: {'no measurement' if m is None else f'{m * 1e3:.1f} ms'} for {len(calls)} convolutions")
 
     if a.json:
-        Path(a.json).write_text(json.dumps(dict(machine=mach, args=vars(a), scaling=scaling, medians=medians, fit=fit,
+        args = {k: v for k, v in vars(a).items() if k != 'json'}   # not the output path: a machine's, not the measurement's
+        Path(a.json).write_text(json.dumps(dict(machine=mach, args=args, scaling=scaling, medians=medians, fit=fit,
                                                 shares=shares, n_convolutions=len(calls), kernels=kernels,
                                                 kernel_medians=kernel_medians), indent=1))
         print(f'\nwrote {a.json}')
