@@ -116,11 +116,8 @@ def replay_convolutions(calls: list, kernel: str, reps: int = 5) -> float:
             y = F.conv2d(x, w, b, stride, padding, 1, groups)
             y.backward(torch.ones_like(y))
     with flags:
-        run_all()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter(); run_all(); times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        run_all()   # warm-up: oneDNN primitive caches
+        return _median_step(run_all, reps)
 
 
 KERNELS = ('onednn_channels_last', 'onednn_nchw', 'native')

@@ -12,9 +12,10 @@ import statistics
 from .results import PAPER_SCALE, group_key
 
 # %% auto #0
-__all__ = ['LABEL_FREE', 'SHAPE_FIELDS', 'LADDER_GRIDS', 'selected_pne', 'criterion_value', 'label_free_choice',
-           'label_free_table', 'flops_per_tuple', 'compute_at', 'ladder_points', 'baseline_markers', 'paper_point',
-           'ladder_figure', 'kept_trend', 'kept_trend_table', 'selection_spread_table', 'checkpoint_spreads']
+__all__ = ['LABEL_FREE', 'SHAPE_FIELDS', 'LADDER_GRIDS', 'CHECKPOINT_SPREAD_GRIDS', 'selected_pne', 'criterion_value',
+           'label_free_choice', 'label_free_table', 'flops_per_tuple', 'compute_at', 'ladder_points',
+           'baseline_markers', 'paper_point', 'ladder_figure', 'kept_trend', 'kept_trend_table',
+           'selection_spread_table', 'checkpoint_spreads']
 
 # %% ../nbs/10e_evidence.ipynb #8d69a21a
 LABEL_FREE = {'val_loss': 'validation bound (lowest negative bound)', 'pne': 'post-hoc criterion at the selected step (lowest PNE)'}
@@ -257,8 +258,11 @@ def selection_spread_table(runs: list, # metrics.json dicts (`load_runs` adds th
 
 
 # %% ../nbs/10e_evidence.ipynb #7c019c5a
+CHECKPOINT_SPREAD_GRIDS = ('cpu-long', 'cpu-long-ordinary')   # committed grids whose runs predate the repeated selection
+
+
 def checkpoint_spreads(root: str | Path | None = None, # project root (default: the enclosing checkout)
-                       grids: tuple = ('cpu-long', 'cpu-long-ordinary'), # committed grids whose runs predate the check
+                       grids: tuple = CHECKPOINT_SPREAD_GRIDS,
                        draws: int = 20, # posterior draws per run
                       ) -> list: # one entry per run: grid, run_id, config (beta, seed), reported, spread (`SelectionSpread.summary`), computed
     "The selection spread of every cached-selection CMVAE run of `grids` that has none, recomputed from its checkpoint."

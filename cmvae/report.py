@@ -9,7 +9,6 @@ import argparse
 import concurrent.futures as cf
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 from .config import available_cores, kernel_threads
 from .cost import measured_cost_table, paper_cost, paper_cost_table
 from .evidence import (LADDER_GRIDS, baseline_markers, kept_trend_table, label_free_table, ladder_figure, ladder_points,
-                            paper_point, selection_spread_table, checkpoint_spreads)
+                            paper_point, selection_spread_table, checkpoint_spreads, CHECKPOINT_SPREAD_GRIDS)
 from .grid import GridError, inline_figures, kernel_cwd, project_root
 from .numbers import Numbers, render_pages
 from .results import SPREAD_FILE, ReportError, aggregate, load_paper_numbers, load_runs, paper_value, read_checkpoint_spreads
@@ -259,7 +258,7 @@ def build_book(root: str | Path | None = None, # project root (default: the encl
     return index
 
 # %% ../nbs/11_report.ipynb #485f7895
-def write_checkpoint_spreads(root: str | Path | None = None, grids: tuple = ('cpu-long', 'cpu-long-ordinary'), draws: int = 20) -> Path:
+def write_checkpoint_spreads(root: str | Path | None = None, grids: tuple = CHECKPOINT_SPREAD_GRIDS, draws: int = 20) -> Path:
     "`checkpoint_spreads` of `grids` into `SPREAD_FILE`, replacing those grids' earlier entries and keeping the others'."
     root = project_root(root)
     new = checkpoint_spreads(root, grids, draws)
@@ -280,7 +279,7 @@ def argument_parser() -> argparse.ArgumentParser:
     b.add_argument('--jobs', type=int, default=2, help='method notebooks executed at the same time (default 2)')
     sub.add_parser('tables', help='write the generated tables and figures only')
     sp = sub.add_parser('spreads', help=f'recompute the selection spread of runs that predate it from their checkpoints into {SPREAD_FILE}')
-    sp.add_argument('grids', nargs='*', default=['cpu-long', 'cpu-long-ordinary'], help='grids (default: cpu-long cpu-long-ordinary)')
+    sp.add_argument('grids', nargs='*', default=list(CHECKPOINT_SPREAD_GRIDS), help=f"grids (default: {' '.join(CHECKPOINT_SPREAD_GRIDS)})")
     sp.add_argument('--draws', type=int, default=20, help='posterior draws per run (default 20)')
     return parser
 
